@@ -74,9 +74,11 @@ class _FileParser:
     # -- errors ------------------------------------------------------------------------------
 
     def error(self, msg: str) -> QapiError:
+        # Columns count from 1; a tab advances to the next multiple of 8, plus one. (QEMU's
+        # generator means to do the same but leaves tabs uncounted; see docs/compat.md.)
         col = 1
         for ch in self.src[self.line_start : self.pos]:
-            col = (col + 7) % 8 + 1 if ch == "\t" else col + 1
+            col = ((col - 1) // 8 + 1) * 8 + 1 if ch == "\t" else col + 1
         return QapiError(self.line_info, msg, col)
 
     # -- lexer -------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ class _FileParser:
             else:
                 if pending_doc is not None and pending_doc.symbol is None:
                     raise QapiError(pending_doc.info, "definition documentation required")
-                self.result.exprs.append(TopLevel(expr, info, pending_doc))
+                self.result.exprs.append(TopLevel(dict(expr), info, pending_doc))
             pending_doc = None
         _reject_dangling_doc(pending_doc)
 

@@ -661,16 +661,17 @@ class Schema:
         return found
 
     def commands(self) -> Iterator[Command]:
-        return self._in_module_order(Command)
+        return self.in_module_order(Command)
 
     def events(self) -> Iterator[Event]:
-        return self._in_module_order(Event)
+        return self.in_module_order(Event)
 
     def types(self) -> Iterator[Type]:
         return (e for e in self.entities if isinstance(e, Type))
 
-    def _in_module_order(self, kind: type[_E]) -> Iterator[_E]:
-        rank = {os.path.normpath(m): i for i, m in enumerate(self.modules)}
+    def in_module_order(self, kind: type[_E] | tuple[type[_E], ...]) -> Iterator[_E]:
+        """Entities of KIND as QEMU lists them: by module, then in definition order."""
+        rank = {module: i for i, module in enumerate(self.modules)}
         found = [e for e in self.entities if isinstance(e, kind)]
         found.sort(key=lambda e: rank[os.path.normpath(e.module or "")])
         return iter(found)
@@ -750,7 +751,10 @@ class Schema:
         features = self._features(expr.get("features"), info)
         if "enum" in expr:
             values = [
-                EnumValue(v["name"], info, Cond(v.get("if")), self._features(v.get("features"), info))
+                EnumValue(
+                    str(v["name"]), info, Cond(v.get("if")),
+                    self._features(v.get("features"), info),
+                )
                 for v in _dicts(expr["data"])
             ]
             prefix = expr.get("prefix")

@@ -1,0 +1,46 @@
+"""Shared fixtures: where QEMU's source is, and a live qemu-storage-daemon to compare with."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.qsd import QsdProcess
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = REPO / "schema" / "qapi-schema.json"
+# Where scripts/fetch-qemu-source unpacks QEMU's source (the same rule as the script's).
+_CACHE = Path(
+    os.environ.get("QMPJOBD_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qmpjobd"
+)
+DEFAULT_QEMU_SOURCE = _CACHE / "qemu-src" / "tree"
+
+
+def missing(reason: str) -> None:
+    """Skip a test whose reference is not installed, except in CI, where that is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def qemu_source() -> Path:
+    """The unpacked QEMU 7.2 source tree (scripts/fetch-qemu-source puts it there)."""
+    path = Path(os.environ.get("QMPJOBD_QEMU_SOURCE", DEFAULT_QEMU_SOURCE))
+    if not (path / "storage-daemon" / "qapi" / "qapi-schema.json").is_file():
+        missing(f"QEMU source not found at {path}; run scripts/fetch-qemu-source")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QsdProcess]:
+    """A qemu-storage-daemon with one QMP monitor socket, for the module's tests."""
+    if shutil.which("qemu-storage-daemon") is None:
+        missing("qemu-storage-daemon is not installed (apt-get install qemu-system-common)")
+    with QsdProcess.start(tmp_path_factory.mktemp("qsd")) as daemon:
+        yield daemon

@@ -1,0 +1,107 @@
+"""Start qemu-storage-daemon, the reference implementation, and talk QMP to it synchronously."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class QmpConnection:
+    """A blocking QMP client: negotiates, then sends one command at a time."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.stream = self.sock.makefile("rwb")
+        self.greeting = self.receive()
+        self.events: list[dict[str, Any]] = []
+
+    def receive(self) -> dict[str, Any]:
+        line = self.stream.readline()
+        if not line:
+            raise ConnectionError("the daemon closed the connection")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def send(self, message: object) -> None:
+        self.stream.write(json.dumps(message).encode() + b"\n")
+        self.stream.flush()
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send a command and return its reply (the whole message); events are kept aside."""
+        message: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self.send(message)
+        while True:
+            reply = self.receive()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            return reply
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+class QsdProcess:
+    """A running qemu-storage-daemon with a QMP monitor on a Unix socket."""
+
+    def __init__(self, pid: int, socket_path: Path) -> None:
+        self.pid = pid
+        self.socket_path = socket_path
+
+    @classmethod
+    @contextmanager
+    def start(cls, workdir: Path, *extra: str) -> Iterator[QsdProcess]:
+        socket_path = workdir / "qsd.sock"
+        pidfile = workdir / "qsd.pid"
+        # --pidfile is written once the monitor socket listens: waiting on the process to
+        # daemonize (--daemonize) makes that the synchronisation point, with no polling.
+        argv = [
+            "qemu-storage-daemon",
+            "--chardev", f"socket,id=m0,path={socket_path},server=on,wait=off",
+            "--monitor", "chardev=m0",
+            "--pidfile", str(pidfile),
+            "--daemonize",
+            *extra,
+        ]
+        subprocess.run(argv, check=True, timeout=30)
+        daemon = cls(int(pidfile.read_text()), socket_path)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+    def stop(self) -> None:
+        """SIGTERM, then wait (on a pidfd: it is not our child) until it has exited."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            ready, _, _ = select.select([pidfd], [], [], 30)
+            assert ready, f"qemu-storage-daemon {self.pid} ignored SIGTERM"
+        finally:
+            os.close(pidfd)
+
+    @contextmanager
+    def connect(self) -> Iterator[QmpConnection]:
+        conn = QmpConnection(self.socket_path)
+        try:
+            reply = conn.execute("qmp_capabilities")
+            assert reply == {"return": {}}, reply
+            yield conn
+        finally:
+            conn.close()
