@@ -33,7 +33,7 @@ def outcome(path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def expectation(path: Path) -> str:
-    first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+    first = path.read_bytes().decode("utf-8", errors="replace").split("\n", 1)[0]
     assert first.startswith("# expect: "), f"{path.name} lacks its '# expect:' line"
     expected = first.removeprefix("# expect: ")
     return "" if expected == "ok" else expected.replace(" | ", "\n")

@@ -208,3 +208,12 @@ def test_alternates_tell_branches_apart_by_json_type(tmp_path: Path) -> None:
         "clash.json",
     )
     assert error_of(clash).endswith("branch 'mode' can't be distinguished from 'flag'")
+
+
+def test_crlf_line_ends_read_like_lf(tmp_path: Path) -> None:
+    text = "##\n# @Mode:\n#\n# How.\n#\n# @fast: quickly\n##\n{ 'enum': 'Mode', 'data': [ 'fast' ] }\n"
+    lf = load_schema(str(write(tmp_path, text, "lf.json")))
+    crlf = load_schema(str(write(tmp_path, text.replace("\n", "\r\n"), "crlf.json")))
+    assert [d.symbol for d in crlf.docs] == [d.symbol for d in lf.docs] == ["Mode"]
+    bad = write(tmp_path, "{ 'enum': 'Mode',\r\n  'data': [ 'fast' ] } ?\r\n", "bad.json")
+    assert error_of(bad) == f"{bad}:2:24: stray '?'"

@@ -261,6 +261,9 @@ def _check_enum(expr: dict[str, object], info: SourceInfo, name: str) -> None:
 
 
 def _check_struct(expr: dict[str, object], info: SourceInfo, name: str) -> None:
+    if isinstance(expr["data"], str):
+        # A type name passes check_type() but means nothing here (QEMU's generator crashes).
+        raise QapiError(info, "'data' must be an object")
     _normalize_members(expr["data"])
     check_type(expr["data"], info, "'data'", allow_dict=name)
     check_type(expr.get("base"), info, "'base'")

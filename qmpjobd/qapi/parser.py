@@ -56,8 +56,16 @@ class _FileParser:
         self.included = included
         self.result = result
         included.add(os.path.abspath(fname))
-        with open(fname, encoding="utf-8") as stream:
-            src = stream.read()
+        with open(fname, "rb") as stream:
+            raw = stream.read()
+        try:
+            src = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # QEMU's generator dies with a traceback here; point at the line instead.
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise QapiError(SourceInfo(fname, line, parent, pragma), "invalid UTF-8") from None
+        # Line ends as Python's text mode reads them (QEMU's generator reads files that way).
+        src = src.replace("\r\n", "\n").replace("\r", "\n")
         if not src.endswith("\n"):
             src += "\n"
         self.src = src
