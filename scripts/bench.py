@@ -59,7 +59,9 @@ def bench_schema(runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("what", choices=["schema"])
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()

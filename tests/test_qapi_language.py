@@ -211,7 +211,10 @@ def test_alternates_tell_branches_apart_by_json_type(tmp_path: Path) -> None:
 
 
 def test_crlf_line_ends_read_like_lf(tmp_path: Path) -> None:
-    text = "##\n# @Mode:\n#\n# How.\n#\n# @fast: quickly\n##\n{ 'enum': 'Mode', 'data': [ 'fast' ] }\n"
+    text = (
+        "##\n# @Mode:\n#\n# How.\n#\n# @fast: quickly\n##\n"
+        "{ 'enum': 'Mode', 'data': [ 'fast' ] }\n"
+    )
     lf = load_schema(str(write(tmp_path, text, "lf.json")))
     crlf = load_schema(str(write(tmp_path, text.replace("\n", "\r\n"), "crlf.json")))
     assert [d.symbol for d in crlf.docs] == [d.symbol for d in lf.docs] == ["Mode"]
