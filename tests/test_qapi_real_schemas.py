@@ -10,21 +10,8 @@ import pytest
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.introspect import introspect
 from tests.conftest import SCHEMA
-from tests.qsd import QsdProcess
+from tests.qsd import QSD_DEFINES, QsdProcess
 from tests.schema_shape import shape
-
-# Every condition the storage daemon's schema tests, except CONFIG_BLKIO: Debian bookworm does not
-# package libblkio. Found by comparing our introspection with QSD's reply for every subset that
-# differs by one name; this is the one set for which they are identical.
-DEBIAN_QSD_DEFINES = frozenset(
-    {
-        "CONFIG_DBUS_DISPLAY", "CONFIG_FUSE", "CONFIG_LIBPMEM", "CONFIG_LINUX",
-        "CONFIG_LINUX_IO_URING", "CONFIG_POSIX", "CONFIG_REPLICATION", "CONFIG_SECRET_KEYRING",
-        "CONFIG_SPICE", "CONFIG_SPICE_PROTOCOL", "CONFIG_VDUSE_BLK_EXPORT", "CONFIG_VHOST_CRYPTO",
-        "CONFIG_VHOST_USER_BLK_SERVER", "CONFIG_ZSTD", "HAVE_HOST_BLOCK_DEVICE",
-        "HAVE_IPPROTO_MPTCP",
-    }
-)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +44,7 @@ def test_introspection_is_identical_to_qsd(
 ) -> None:
     """Every entry QSD reports, numbering included, and nothing more."""
     schema = load_schema(str(qemu_source / "storage-daemon/qapi/qapi-schema.json"))
-    ours = introspect(schema, DEBIAN_QSD_DEFINES)
+    ours = introspect(schema, QSD_DEFINES)
     assert len(ours) == len(qsd_schema)
     assert sorted(map(_key, ours)) == sorted(map(_key, qsd_schema))
     # And in the same order: commands and events by module, then types as first reached.
@@ -69,7 +56,7 @@ def test_introspection_describes_each_command_and_event_like_qsd(
 ) -> None:
     """The same comparison by structure, ignoring numbering, entry by entry."""
     schema = load_schema(str(qemu_source / "storage-daemon/qapi/qapi-schema.json"))
-    ours = introspect(schema, DEBIAN_QSD_DEFINES)
+    ours = introspect(schema, QSD_DEFINES)
     names = [e["name"] for e in qsd_schema if e["meta-type"] in ("command", "event")]
     assert len(names) > 80
     for name in names:
