@@ -26,6 +26,14 @@ def _qdict_bucket(key: bytes) -> int:
     return ((1103515243 * acc + 12345) & _U32) % 512
 
 
+def qdict_order(keys: list[str]) -> list[str]:
+    """KEYS (in input order) in the order QEMU walks a QDict holding them: bucket by bucket,
+    the newest entry first within a bucket."""
+    raw = [k.encode("utf-8", "surrogatepass") for k in keys]
+    order = sorted(range(len(keys)), key=lambda i: (_qdict_bucket(raw[i]), -i))
+    return [keys[i] for i in order]
+
+
 def _glib_str_hash(key: bytes) -> int:
     acc = 5381
     for byte in key:  # GLib hashes the bytes as signed chars
@@ -36,7 +44,6 @@ def _glib_str_hash(key: bytes) -> int:
 def first_leftover(keys: list[str], consumed: list[str]) -> str:
     """The leftover key QEMU's visitor reports, given all KEYS in input order and the
     CONSUMED ones in the order they were visited."""
-    raw = [k.encode("utf-8", "surrogatepass") for k in keys]
     hashes: list[int] = []
     slots: list[bytes | None] = []
     shift = used = live = 0
@@ -93,11 +100,12 @@ def first_leftover(keys: list[str], consumed: list[str]) -> str:
     shift = 3
     hashes.extend([_FREE] * 8)
     slots.extend([None] * 8)
-    for index in sorted(range(len(raw)), key=lambda i: (_qdict_bucket(raw[i]), -i)):
-        h = _glib_str_hash(raw[index])
-        at = find(raw[index], h)
+    for name in qdict_order(keys):
+        key = name.encode("utf-8", "surrogatepass")
+        h = _glib_str_hash(key)
+        at = find(key, h)
         was_free = hashes[at] == _FREE
-        hashes[at], slots[at] = h, raw[index]
+        hashes[at], slots[at] = h, key
         live += 1
         if was_free:
             used += 1
