@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.qsd import QsdProcess
+from tests.daemons import QsdProcess
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "schema" / "qapi-schema.json"

@@ -10,7 +10,7 @@ import pytest
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.introspect import introspect
 from tests.conftest import SCHEMA
-from tests.qsd import QSD_DEFINES, QsdProcess
+from tests.daemons import QSD_DEFINES, QsdProcess
 from tests.schema_shape import shape
 
 

@@ -10,7 +10,7 @@ from qmpjobd.qapi.schema import Schema, Type
 from qmpjobd.qapi.tables import build_tables, python_name
 from qmpjobd.qapi.visit import ArgumentError
 from tests.conftest import SCHEMA
-from tests.qsd import QsdProcess
+from tests.daemons import QsdProcess
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from qmpjobd.qapi.schema import (
 )
 from qmpjobd.qapi.visit import ArgumentError, compile_command
 from tests.conftest import SCHEMA
-from tests.qsd import QSD_DEFINES, QmpConnection, QsdProcess
+from tests.daemons import QSD_DEFINES, QmpConnection, QsdProcess
 
 Z = {"zz": 1}  # a member no command has: keeps a call that is otherwise valid from running
 UNIX = {"type": "unix", "data": {"path": "/nonexistent/qmpjobd.sock"}}

@@ -1,4 +1,9 @@
-"""Start qemu-storage-daemon, the reference implementation, and talk QMP to it synchronously."""
+"""Start a daemon (qemu-storage-daemon, the reference, or qmpjobd) and talk QMP to it.
+
+Both take the same command line, so one harness starts either: a monitor on a Unix socket,
+--pidfile and --daemonize. --daemonize returns once the socket listens, which makes it the
+synchronisation point: no polling for the socket to appear.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,8 +75,12 @@ class QmpConnection:
         self.sock.close()
 
 
-class QsdProcess:
-    """A running qemu-storage-daemon with a QMP monitor on a Unix socket."""
+QMPJOBD = [sys.executable, "-m", "qmpjobd"]
+QSD = ["qemu-storage-daemon"]
+
+
+class DaemonProcess:
+    """A running daemon with a QMP monitor on a Unix socket."""
 
     def __init__(self, pid: int, socket_path: Path) -> None:
         self.pid = pid
@@ -78,20 +88,22 @@ class QsdProcess:
 
     @classmethod
     @contextmanager
-    def start(cls, workdir: Path, *extra: str) -> Iterator[QsdProcess]:
-        socket_path = workdir / "qsd.sock"
-        pidfile = workdir / "qsd.pid"
-        # --pidfile is written once the monitor socket listens: waiting on the process to
-        # daemonize (--daemonize) makes that the synchronisation point, with no polling.
+    def start(
+        cls, workdir: Path, *extra: str, program: list[str] = QSD,
+        env: dict[str, str] | None = None,
+    ) -> Iterator[DaemonProcess]:
+        name = Path(program[-1]).name
+        socket_path = workdir / f"{name}.sock"
+        pidfile = workdir / f"{name}.pid"
         argv = [
-            "qemu-storage-daemon",
+            *program,
             "--chardev", f"socket,id=m0,path={socket_path},server=on,wait=off",
             "--monitor", "chardev=m0",
             "--pidfile", str(pidfile),
             "--daemonize",
             *extra,
         ]
-        subprocess.run(argv, check=True, timeout=30)
+        subprocess.run(argv, check=True, timeout=30, env=env)
         daemon = cls(int(pidfile.read_text()), socket_path)
         try:
             yield daemon
@@ -99,15 +111,20 @@ class QsdProcess:
             daemon.stop()
 
     def stop(self) -> None:
-        """SIGTERM, then wait (on a pidfd: it is not our child) until it has exited."""
+        """SIGTERM, then wait until it has exited."""
+        self.wait(signal.SIGTERM)
+
+    def wait(self, send: signal.Signals | None = None) -> None:
+        """Wait (on a pidfd: it is not our child) until the daemon has exited."""
         try:
             pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             return
         try:
-            os.kill(self.pid, signal.SIGTERM)
+            if send is not None:
+                os.kill(self.pid, send)
             ready, _, _ = select.select([pidfd], [], [], 30)
-            assert ready, f"qemu-storage-daemon {self.pid} ignored SIGTERM"
+            assert ready, f"daemon {self.pid} did not exit"
         finally:
             os.close(pidfd)
 
@@ -120,3 +137,6 @@ class QsdProcess:
             yield conn
         finally:
             conn.close()
+
+
+QsdProcess = DaemonProcess  # the reference, started with the default program

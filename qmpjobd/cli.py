@@ -1,0 +1,321 @@
+"""The command line: qemu-storage-daemon's options for monitors, plus friendlier ones.
+
+    qmpjobd --chardev socket,id=m0,path=/run/q.sock,server=on,wait=off --monitor chardev=m0
+    qmpjobd --chardev stdio,id=m0 --monitor chardev=m0,pretty=on
+    qmpjobd --socket /run/q.sock --pidfile /run/q.pid --daemonize
+    qmpjobd                       (listens on $XDG_RUNTIME_DIR/qmpjobd.sock or
+                                   /tmp/qmpjobd-$UID/qmp.sock, and prints the path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .commands.control import PACKAGE, QEMU_API_VERSION
+from .dispatch import Daemon, Dispatcher, StartupError, registered_handlers
+from .qapi import QapiError, load_schema
+from .qapi.tables import build_tables
+from .server import MonitorSpec, Server, ServerOptions, SocketInUse
+
+DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / "schema" / "qapi-schema.json"
+log = logging.getLogger("qmpjobd")
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Config:
+    monitors: list[MonitorSpec] = field(default_factory=list)
+    default_socket: bool = False
+    pidfile: str | None = None
+    daemonize: bool = False
+    log_level: str = "info"
+    log_file: str | None = None
+    schema: str = str(DEFAULT_SCHEMA)
+    handler_modules: list[str] = field(default_factory=list)
+    output_limit: int | None = None
+
+
+# -- QEMU's key=value option syntax -----------------------------------------------------------
+
+
+def parse_keyval(text: str, implied: str) -> dict[str, str]:
+    """'socket,id=m0,path=a,,b' -> {implied: 'socket', 'id': 'm0', 'path': 'a,b'}.
+
+    As in QEMU, a doubled comma stands for a comma in a value, and the first item may leave
+    out its key, which is then IMPLIED."""
+    items: list[str] = []
+    current = ""
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text.startswith(",,", i):
+                current += ","
+                i += 2
+                continue
+            items.append(current)
+            current = ""
+        else:
+            current += text[i]
+        i += 1
+    items.append(current)
+    result: dict[str, str] = {}
+    for index, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        if not eq:
+            if index != 0 or not implied:
+                raise UsageError(f"Expected '=' after parameter '{item}'")
+            key, value = implied, item
+        if key in result:
+            raise UsageError(f"Parameter '{key}' given more than once")
+        result[key] = value
+    return result
+
+
+def _flag(options: dict[str, str], key: str, default: bool) -> bool:
+    value = options.pop(key, None)
+    if value is None:
+        return default
+    if value in ("on", "yes", "true", ""):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def _reject_rest(options: dict[str, str], what: str) -> None:
+    if options:
+        raise UsageError(f"{what}: Invalid parameter '{sorted(options)[0]}'")
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qmpjobd",
+        description="A QMP job daemon: qemu-storage-daemon's job API, served over Unix sockets.",
+    )
+    add = parser.add_argument
+    add("--chardev", action="append", default=[], metavar="socket,id=ID,path=PATH,server=on,"
+        "wait=off | stdio,id=ID", help="a character device to put a monitor on")
+    add("--monitor", action="append", default=[], metavar="[chardev=]ID[,pretty=on]",
+        help="a QMP monitor on the character device ID")
+    add("--socket", action="append", default=[], metavar="PATH",
+        help="a QMP monitor on a Unix socket at PATH (shorthand for a chardev and a monitor)")
+    add("--blockdev", action="append", default=[], metavar="OPTIONS",
+        help="a block node, as blockdev-add would create it")
+    add("--pidfile", metavar="PATH", help="write the daemon's pid here once every socket listens")
+    add("--daemonize", action="store_true",
+        help="detach once every socket listens (the parent exits 0 then)")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--log", metavar="FILE", help="log here instead of to stderr")
+    add("--output-limit", type=int, metavar="BYTES",
+        help="disconnect a client whose unsent output exceeds this (default 8 MiB)")
+    add("--version", action="version", version=f"qmpjobd {__version__} (QMP of QEMU "
+        f"{'.'.join(map(str, QEMU_API_VERSION))})")
+    # For the test suite: another schema, and modules with handlers for its extra commands.
+    add("--schema", default=str(DEFAULT_SCHEMA), help=argparse.SUPPRESS)
+    add("--handlers", action="append", default=[], help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_command_line(argv: list[str]) -> Config:
+    args = _argument_parser().parse_args(argv)
+    config = Config(
+        pidfile=args.pidfile, daemonize=args.daemonize, log_level=args.log_level,
+        log_file=args.log, schema=args.schema, handler_modules=args.handlers,
+        output_limit=args.output_limit,
+    )
+    chardevs: dict[str, str | None] = {}
+    for text in args.chardev:
+        options = parse_keyval(text, "backend")
+        backend = options.pop("backend", None)
+        chardev_id = options.pop("id", None)
+        if not chardev_id:
+            raise UsageError(f"--chardev {text}: Parameter 'id' is missing")
+        if chardev_id in chardevs:
+            raise UsageError(f"--chardev {text}: Duplicate chardev ID '{chardev_id}'")
+        if backend == "socket":
+            path = options.pop("path", None)
+            if not path:
+                raise UsageError(f"--chardev {text}: only Unix sockets ('path=') are supported")
+            if not _flag(options, "server", False):
+                raise UsageError(f"--chardev {text}: a monitor socket needs 'server=on'")
+            if _flag(options, "wait", True):
+                raise UsageError(f"--chardev {text}: 'wait=on' is not supported; use 'wait=off'")
+            chardevs[chardev_id] = path
+        elif backend == "stdio":
+            _flag(options, "signal", True)
+            chardevs[chardev_id] = None
+        else:
+            raise UsageError(f"--chardev {text}: unsupported chardev backend '{backend}'")
+        _reject_rest(options, f"--chardev {text}")
+    used: set[str] = set()
+    for text in args.monitor:
+        options = parse_keyval(text, "chardev")
+        chardev_id = options.pop("chardev", None)
+        if chardev_id is None or chardev_id not in chardevs:
+            raise UsageError(f"--monitor {text}: chardev '{chardev_id}' not found")
+        if chardev_id in used:
+            raise UsageError(f"--monitor {text}: chardev '{chardev_id}' is already in use")
+        used.add(chardev_id)
+        if options.pop("mode", "control") != "control":
+            raise UsageError(f"--monitor {text}: only mode=control (QMP) is supported")
+        options.pop("id", None)
+        pretty = _flag(options, "pretty", False)
+        _reject_rest(options, f"--monitor {text}")
+        config.monitors.append(MonitorSpec(chardevs[chardev_id], pretty))
+    for path in args.socket:
+        config.monitors.append(MonitorSpec(path))
+    if args.blockdev:
+        driver = parse_keyval(args.blockdev[0], "").get("driver", "")
+        raise UsageError(
+            f"--blockdev {args.blockdev[0]}: Parameter 'driver' does not accept value '{driver}'"
+        )
+    if not config.monitors:
+        config.monitors.append(MonitorSpec(default_socket_path()))
+        config.default_socket = True
+    stdio = any(m.path is None for m in config.monitors)
+    if stdio and config.daemonize:
+        raise UsageError("--daemonize cannot be used with a stdio monitor")
+    return config
+
+
+def default_socket_path() -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "qmpjobd.sock")
+    private = f"/tmp/qmpjobd-{os.getuid()}"
+    try:
+        os.mkdir(private, 0o700)
+    except FileExistsError:
+        info = os.lstat(private)
+        # Someone else's directory, a symlink, or one others can write: not ours to trust.
+        if (
+            not os.path.isdir(private)
+            or os.path.islink(private)
+            or info.st_uid != os.getuid()
+            or info.st_mode & 0o077
+        ):
+            raise UsageError(
+                f"{private} exists but is not a private directory of this user"
+            ) from None
+    return os.path.join(private, "qmp.sock")
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def _setup_logging(config: Config) -> None:
+    handler: logging.Handler
+    if config.log_file:
+        handler = logging.FileHandler(config.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s qmpjobd %(levelname)s %(message)s"))
+    root = logging.getLogger("qmpjobd")
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+def _build(config: Config) -> tuple[Daemon, Dispatcher]:
+    for module in config.handler_modules:
+        importlib.import_module(module)
+    schema = load_schema(config.schema)
+    tables = build_tables(schema)
+    check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
+    dispatcher = Dispatcher(tables, registered_handlers(), check_replies=check)
+    return Daemon(tables), dispatcher
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_command_line(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"qmpjobd: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config)
+    try:
+        daemon, dispatcher = _build(config)
+    except (QapiError, StartupError) as exc:
+        print(f"qmpjobd: {exc}", file=sys.stderr)
+        return 1
+    ready_pipe = _daemonize() if config.daemonize else None
+
+    def on_ready(paths: list[str]) -> None:
+        if config.pidfile:
+            Path(config.pidfile).write_text(f"{os.getpid()}\n")
+        if config.default_socket:
+            print(paths[0], flush=True)
+        log.info("listening on %s", ", ".join(paths) or "stdio")
+        if ready_pipe is not None:
+            _detach(ready_pipe)
+
+    options = ServerOptions(
+        monitors=config.monitors, version=QEMU_API_VERSION, package=PACKAGE, on_ready=on_ready
+    )
+    if config.output_limit is not None:
+        options.output_limit = config.output_limit
+    server = Server(options, daemon, dispatcher)
+    try:
+        trio.run(server.run)
+    except SocketInUse as exc:
+        return _fail(ready_pipe, str(exc))
+    except OSError as exc:
+        return _fail(ready_pipe, f"cannot listen: {exc}")
+    finally:
+        if config.pidfile:
+            Path(config.pidfile).unlink(missing_ok=True)
+    return 0
+
+
+def _fail(ready_pipe: int | None, message: str) -> int:
+    if ready_pipe is not None:  # the waiting parent reports it
+        os.write(ready_pipe, message.encode())
+        os.close(ready_pipe)
+    else:
+        print(f"qmpjobd: {message}", file=sys.stderr)
+    return 1
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits until the child is ready (exit 0) or has failed (its message,
+    exit 1). The child gets its own session and returns the pipe to report readiness on."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        chunks = []
+        while chunk := os.read(read_end, 4096):
+            chunks.append(chunk)
+        message = b"".join(chunks).decode(errors="replace")
+        if message == "ready":
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(f"qmpjobd: {message or 'the daemon failed to start'}", file=sys.stderr)
+        os._exit(1)
+    os.close(read_end)
+    os.setsid()
+    return write_end
+
+
+def _detach(ready_pipe: int) -> None:
+    """Tell the waiting parent we are ready, and let go of the terminal."""
+    os.write(ready_pipe, b"ready")
+    os.close(ready_pipe)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)

@@ -1,0 +1,5 @@
+"""Command handlers, one module per schema file. Importing this package registers them all."""
+
+from . import control, job
+
+__all__ = ["control", "job"]

@@ -1,0 +1,40 @@
+"""Handlers for schema/control.json and schema/introspect.json: negotiation, version, the
+command list, the schema, quit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..dispatch import Context, handler
+
+# The QEMU release whose QMP interface qmpjobd implements.
+QEMU_API_VERSION = (7, 2, 0)
+PACKAGE = f"qmpjobd {__version__}"
+
+
+@handler("qmp_capabilities")
+async def qmp_capabilities(ctx: Context, *, enable: list[str] | None = None) -> None:
+    ctx.session.negotiate(enable or [])
+
+
+@handler("query-version")
+async def query_version(ctx: Context) -> dict[str, Any]:
+    major, minor, micro = QEMU_API_VERSION
+    return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": PACKAGE}
+
+
+@handler("query-commands")
+async def query_commands(ctx: Context) -> list[dict[str, str]]:
+    return [{"name": name} for name in ctx.daemon.tables.commands]
+
+
+@handler("query-qmp-schema")
+async def query_qmp_schema(ctx: Context) -> list[dict[str, object]]:
+    return ctx.daemon.tables.schema_info
+
+
+@handler("quit")
+async def quit(ctx: Context) -> None:
+    # The reply goes out first; the server then closes every connection and exits.
+    ctx.daemon.quit_requested()

@@ -1,0 +1,1 @@
+"""QEMU's job model, independent of blocks and of the protocol."""
