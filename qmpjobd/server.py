@@ -37,6 +37,8 @@ log = logging.getLogger("qmpjobd.server")
 # QEMU's limit on queued in-band requests once oob is enabled.
 INBAND_QUEUE = 8
 RECEIVE_SIZE = 65536
+# How many reads a connection may serve back to back before it lets other tasks run.
+FAIR_READS = 8
 DEFAULT_OUTPUT_LIMIT = 8 * 1024 * 1024
 
 
@@ -152,19 +154,20 @@ class Connection:
                 nursery.cancel_scope.cancel()
 
     async def _read(self, nursery: trio.Nursery) -> None:
-        waited = True
+        unyielding = 0  # reads in a row that found input waiting, so never yielded
         while True:
             data = self.channel.read_now(RECEIVE_SIZE)
             if data is None:
                 await self.channel.wait_readable()
-                waited = True
+                unyielding = 0
                 continue
             if not data:
                 return
-            if not waited:
-                # Input kept coming without a wait: let the other tasks run.
+            unyielding += 1
+            if unyielding > FAIR_READS:
+                # A client that keeps input coming must not starve the others.
                 await trio.lowlevel.checkpoint()
-            waited = False
+                unyielding = 0
             for item in self.splitter.feed(data):
                 if self._inband_send is not None and not Session.is_oob(item):
                     await self._inband_send.send(item)

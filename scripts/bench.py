@@ -1,25 +1,199 @@
 #!/usr/bin/env python3
 """Benchmarks, each side by side with QEMU's own implementation in the same run, as ratios.
 
+    scripts/bench.py protocol   start qemu-storage-daemon and qmpjobd; drive both with the same
+                                raw-socket client (no oob negotiated); report the median of 5
+                                repeats of each figure:
+                                  rtt      sequential query-jobs round trip
+                                  pipe     query-jobs with 8 requests in flight on one socket
+                                  clients  16 clients, each one request at a time (QSD needs a
+                                           monitor per client; qmpjobd takes all on one socket)
+                                  startup  exec to greeting
     scripts/bench.py schema     compile our schema, QSD's and the emulator's: qmpjobd's compiler
                                 against QEMU 7.2's generator front end (scripts/qapi, from the
                                 fetched source), best of N runs each
 
-Timings are printed, never asserted: the suite has no timed tests.
+Timings are printed, never asserted: the test suite has no timed tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import selectors
+import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+QUERY = b'{"execute": "query-jobs"}\n'
+NEGOTIATE = b'{"execute": "qmp_capabilities"}\n'
+REPEATS = 5
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+class Client:
+    """A raw QMP client: bytes out, lines in. The same code drives both daemons."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.buffer = b""
+        self.read_line()  # greeting
+        self.sock.sendall(NEGOTIATE)
+        self.read_line()
+
+    def read_line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("daemon closed the connection")
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def rtt(paths: list[str], count: int = 2000) -> float:
+    """Microseconds per sequential round trip."""
+    client = Client(paths[0])
+    start = time.perf_counter()
+    for _ in range(count):
+        client.sock.sendall(QUERY)
+        client.read_line()
+    elapsed = time.perf_counter() - start
+    client.close()
+    return elapsed / count * 1e6
+
+
+def pipe(paths: list[str], count: int = 8000, depth: int = 8) -> float:
+    """Replies per second with DEPTH requests in flight."""
+    client = Client(paths[0])
+    start = time.perf_counter()
+    client.sock.sendall(QUERY * depth)
+    sent, received = depth, 0
+    while received < count:
+        client.read_line()
+        received += 1
+        if sent < count:
+            client.sock.sendall(QUERY)
+            sent += 1
+    elapsed = time.perf_counter() - start
+    client.close()
+    return count / elapsed
+
+
+def clients(paths: list[str], count: int = 500, n: int = 16) -> float:
+    """Replies per second, N clients each with one request in flight, COUNT requests each."""
+    conns = [Client(paths[i % len(paths)]) for i in range(n)]
+    selector = selectors.DefaultSelector()
+    left = {}
+    start = time.perf_counter()
+    for conn in conns:
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+        conn.sock.sendall(QUERY)
+        left[conn] = count
+    while left:
+        for key, _ in selector.select():
+            conn = key.data
+            data = conn.sock.recv(65536)
+            if not data:
+                raise ConnectionError("daemon closed a connection")
+            conn.buffer += data
+            while b"\n" in conn.buffer:
+                _, _, conn.buffer = conn.buffer.partition(b"\n")
+                left[conn] -= 1
+                if left[conn]:
+                    conn.sock.sendall(QUERY)
+                else:
+                    del left[conn]
+                    selector.unregister(conn.sock)
+    elapsed = time.perf_counter() - start
+    for conn in conns:
+        conn.close()
+    return n * count / elapsed
+
+
+# -- the daemons -----------------------------------------------------------------------------
+
+
+def qsd_argv(paths: list[str]) -> list[str]:
+    argv = ["qemu-storage-daemon"]
+    for i, path in enumerate(paths):
+        argv += ["--chardev", f"socket,id=m{i},path={path},server=on,wait=off",
+                 "--monitor", f"chardev=m{i}"]
+    return argv
+
+
+def qmpjobd_argv(paths: list[str]) -> list[str]:
+    return [sys.executable, "-m", "qmpjobd", "--log-level", "warning", "--socket", paths[0]]
+
+
+@contextmanager
+def running(argv: list[str], path: str) -> Iterator[float]:
+    """Start a daemon; yield the milliseconds from exec to its greeting."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=REPO)
+    try:
+        while True:  # a benchmark may poll: it measures, it does not assert
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                break
+            except OSError:
+                probe.close()
+                if process.poll() is not None:
+                    raise RuntimeError(f"{argv[0]} exited with {process.returncode}") from None
+                time.sleep(0.0005)
+        probe.recv(4096)  # the greeting
+        startup = (time.perf_counter() - start) * 1e3
+        probe.close()
+        yield startup
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def bench_protocol() -> None:
+    workdir = tempfile.mkdtemp(prefix="qmpjobd-bench-")
+    figures: dict[str, dict[str, list[float]]] = {}
+    daemons: dict[str, Callable[[list[str]], list[str]]] = {
+        "qemu-storage-daemon": qsd_argv, "qmpjobd": qmpjobd_argv,
+    }
+    for name, argv_of in daemons.items():
+        results = figures.setdefault(name, {"rtt": [], "pipe": [], "clients": [], "startup": []})
+        for repeat in range(REPEATS):
+            count = 16 if name == "qemu-storage-daemon" else 1
+            paths = [os.path.join(workdir, f"{name}-{repeat}-{i}.sock") for i in range(count)]
+            with running(argv_of(paths), paths[0]) as startup:
+                results["startup"].append(startup)
+                results["rtt"].append(rtt(paths))
+                results["pipe"].append(pipe(paths))
+                results["clients"].append(clients(paths))
+    qsd, ours = figures["qemu-storage-daemon"], figures["qmpjobd"]
+    print(f"{'figure':10} {'QSD 7.2':>12} {'qmpjobd':>12}  ratio (median of {REPEATS})")
+    rows = [("rtt", "us", False), ("pipe", "msg/s", True), ("clients", "msg/s", True),
+            ("startup", "ms", False)]
+    for figure, unit, higher_is_better in rows:
+        a, b = statistics.median(qsd[figure]), statistics.median(ours[figure])
+        ratio = b / a
+        verdict = f"{ratio:.2f}x QSD's" if higher_is_better else f"{ratio:.2f} of QSD's"
+        print(f"{figure:10} {a:10.0f} {unit:5} {b:10.0f} {unit:5}  {verdict}")
+
+
+# -- schema compilation ----------------------------------------------------------------------
 
 
 def qemu_source() -> Path:
@@ -62,10 +236,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("what", choices=["schema"])
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("what", choices=["protocol", "schema"])
+    parser.add_argument("--runs", type=int, default=10, help="for schema: runs per figure")
     args = parser.parse_args()
-    if args.what == "schema":
+    if args.what == "protocol":
+        bench_protocol()
+    else:
         bench_schema(args.runs)
 
 

@@ -347,8 +347,11 @@ _OTHER: Final = rb"[^\"'{}\[\]\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]++"
 # colons, commas, keywords, and numbers not followed by a byte that would break them.
 _LEXES: Final = (
     rb"[ \t\r\n:,]++|[a-z]++"
-    rb"|-?+(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][-+]?+[0-9]++)?+(?![0-9.eE])"
+    rb"|-?+(?:0(?:\.[0-9]++(?:[eE][-+]?+[0-9]++)?+)?+"  # (QEMU takes no exponent after "0")
+    rb"|[1-9][0-9]*+(?:\.[0-9]++)?+(?:[eE][-+]?+[0-9]++)?+)(?![0-9.eE])"
 )
+# Where a number may start: "0e" there is QEMU's "0", then a keyword.
+_ZERO_EXPONENT: Final = re.compile(rb"[:,\[ \t\r\n]-?0[eE]")
 _FAST_DEPTH: Final = 8
 _FAST_WAITS: Final = 8  # feeds a fast candidate may stay incomplete before _slow takes over
 _DIGITS_TO_ZERO: Final = bytes(0x30 if 0x30 <= ch <= 0x39 else 0x20 for ch in range(256))
@@ -550,6 +553,9 @@ class JsonSplitter:
         if len(span) > self._fast_len or span.find(b"\\u") >= 0:  # (faster than `in`)
             return False
         if _long_digit_run(span):  # orjson turns integers beyond 64 bits into floats
+            return False
+        # JSON allows an exponent right after a leading 0 ("0e5"); QEMU's lexer does not.
+        if (span.find(b"0e") >= 0 or span.find(b"0E") >= 0) and _ZERO_EXPONENT.search(span):
             return False
         try:
             value = orjson.loads(span)
