@@ -228,6 +228,10 @@ ERRORS: list[tuple[bytes, Out]] = [
     (b"1.x", [err("stray '1.x'")]),
     (b"1e+\n", [err("stray '1e+\n'")]),
     (b"1.5.3\n", [1.5, err("stray '.'")]),  # the recovery then skips "3"
+    # JSON allows an exponent after a leading zero, QEMU does not: "0e5" is 0, e, 5.
+    (b'{"a":0e5}', [err("expected separator in dict")]),
+    (b'{"a":-0E+1}', [err("stray 'E'"), err("expecting value")]),
+    (b"0e5\n", [0, err("invalid keyword 'e'"), 5]),
     (b"\xff", [err("stray '\ufffd'")]),
     (b"\xc3\xa9", [err("stray '\ufffd'")]),  # one error: recovery skips the rest
     (b"\xc0\x80\x01", [err("stray '\ufffd'"), err("stray '\x01'")]),
@@ -523,6 +527,44 @@ def test_any_bytes_any_split(data: bytes, cuts: list[int]) -> None:
             so_far += got
         if not limits:
             assert same(so_far, whole)
+
+
+_quirks = st.sampled_from(
+    [
+        *["0", "-0", "12", "0e5", "-0E1", "1e5", "1E+2", "1.5", "0.0e5", "1e400", "01", "1."],
+        *["12345678901234567890", "-9223372036854775809", "true", "null", "tru", "X"],
+        *['"a"', '"a:b"', '"\\u0041"', '"\\u003a"', '"\\ud800"', '"\\ud83d\\ude00"', "'x'"],
+        *['"\\\'"', '"é"', '"\ufffe"', '"\\n"', '"\\x"', '"\\\\u"', '"\t"', '"\x7f"'],
+    ]
+)
+_keys = st.sampled_from(['"a"', '"b"', "'a'", '"\\u0061"', '"a:b"', "1"])
+_quirky = st.recursive(
+    _quirks,
+    lambda inner: (
+        st.lists(st.tuples(_keys, inner), max_size=4).map(
+            lambda pairs: "{" + ",".join(f"{k}:{v}" for k, v in pairs) + "}"
+        )
+        | st.lists(inner, max_size=4).map(lambda items: "[" + ", ".join(items) + "]")
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    texts=st.lists(st.tuples(_quirky, st.sampled_from(["\n", " ", "", "\r\n", "}", "\x1b"]))),
+    cuts=st.lists(st.integers(min_value=0), max_size=5),
+)
+def test_fast_path_agrees_with_faithful_path(texts: list[tuple[str, str]], cuts: list[int]) -> None:
+    """Near-JSON where orjson and QEMU part ways (0e5, duplicates, \\u escapes, big numbers)
+    gives the same output, at every cut, whichever path reads it."""
+    data = "".join(text + tail for text, tail in texts).encode()
+    positions = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *positions], [*positions, len(data)], strict=True)]
+    for limits in ({}, {"max_nesting": 3}):
+        fast, faithful = JsonSplitter(**limits), JsonSplitter(fast=False, **limits)
+        for piece in pieces:
+            assert same(fast.feed(piece), faithful.feed(piece))
 
 
 # -- against qemu-storage-daemon ---------------------------------------------------------------

@@ -8,10 +8,13 @@ forcing the parser back into a known state.  `JsonSplitter` reproduces that beha
 included, with two deliberate differences (see docs/compat.md, "QMP framing"): integers keep their
 exact value, and numbers QEMU would turn into an infinite double are an error.
 
-Speed: almost every message is a plain `{...}` object.  For those a regular expression finds the
-end at C speed and orjson decodes it; a few cheap checks then make sure orjson and QEMU agree on
-that text (duplicate keys, huge integers, Unicode noncharacters).  Everything else goes through
-`_slow`, a faithful port of the three stages that is the authority on boundaries and errors.
+Speed: almost every message is a plain `{...}` object, mostly alone on its line.  orjson decodes
+such a line as it stands, or a regular expression first finds where the object ends (at C speed);
+a few cheap checks then make sure that orjson read the text as QEMU would (duplicate keys, huge
+integers, "0e5", Unicode noncharacters, nesting).  Everything else goes through `_slow`: the three
+stages reimplemented faithfully (the parser taking one token at a time, with an explicit stack,
+so that nesting is bounded by the limit and not by Python's stack).  It is the authority on
+boundaries and errors; the fast path only ever takes what it would have produced anyway.
 """
 
 from __future__ import annotations
