@@ -155,14 +155,19 @@ class Connection:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         unyielding = 0  # reads in a row that found input waiting, so never yielded
+        drained = False  # did the last read empty the kernel's buffer?
         while True:
-            data = self.channel.read_now(RECEIVE_SIZE)
-            if data is None:
+            if drained:
+                # Input will most likely come later: wait for it rather than ask in vain.
                 await self.channel.wait_readable()
                 unyielding = 0
+            data = self.channel.read_now(RECEIVE_SIZE)
+            if data is None:
+                drained = True
                 continue
             if not data:
                 return
+            drained = len(data) < RECEIVE_SIZE
             unyielding += 1
             if unyielding > FAIR_READS:
                 # A client that keeps input coming must not starve the others.

@@ -67,7 +67,7 @@ def test_control_commands(ours: DaemonProcess) -> None:
         assert conn.execute("query-version") == {"return": {
             "qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "qmpjobd 0.1.0"}}
         commands = conn.execute("query-commands")["return"]
-        assert [c["name"] for c in commands] == list(tables.commands)
+        assert [c["name"] for c in commands] == list(reversed(tables.commands))
         assert conn.execute("query-qmp-schema") == {"return": tables.schema_info}
         assert conn.execute("query-jobs") == {"return": []}
         for verb in ("pause", "resume", "cancel", "complete", "dismiss", "finalize"):

@@ -26,7 +26,8 @@ async def query_version(ctx: Context) -> dict[str, Any]:
 
 @handler("query-commands")
 async def query_commands(ctx: Context) -> list[dict[str, str]]:
-    return [{"name": name} for name in ctx.daemon.tables.commands]
+    # QEMU lists the most recently registered command first: the schema's order, reversed.
+    return [{"name": name} for name in reversed(ctx.daemon.tables.commands)]
 
 
 @handler("query-qmp-schema")
