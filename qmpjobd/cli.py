@@ -13,18 +13,20 @@ import argparse
 import importlib
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
+from . import PACKAGE, QMP_API_VERSION, __version__
+from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
 
-from . import __version__
-from .commands.control import PACKAGE, QEMU_API_VERSION
-from .dispatch import Daemon, Dispatcher, StartupError, registered_handlers
-from .qapi import QapiError, load_schema
-from .qapi.tables import build_tables
-from .server import MonitorSpec, Server, ServerOptions, SocketInUse
+if TYPE_CHECKING:
+    from .dispatch import Daemon, Dispatcher
+
+# Only what parsing the command line and binding the sockets needs is imported up front; trio,
+# the schema compiler and the handlers load while early clients already have their greeting.
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / "schema" / "qapi-schema.json"
 log = logging.getLogger("qmpjobd")
@@ -32,6 +34,14 @@ log = logging.getLogger("qmpjobd")
 
 class UsageError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """A QMP monitor: a Unix socket path, or None for stdin/stdout."""
+
+    path: str | None
+    pretty: bool = False
 
 
 @dataclass
@@ -124,7 +134,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     add("--output-limit", type=int, metavar="BYTES",
         help="disconnect a client whose unsent output exceeds this (default 8 MiB)")
     add("--version", action="version", version=f"qmpjobd {__version__} (QMP of QEMU "
-        f"{'.'.join(map(str, QEMU_API_VERSION))})")
+        f"{'.'.join(map(str, QMP_API_VERSION))})")
     # For the test suite: another schema, and modules with handlers for its extra commands.
     add("--schema", default=str(DEFAULT_SCHEMA), help=argparse.SUPPRESS)
     add("--handlers", action="append", default=[], help=argparse.SUPPRESS)
@@ -231,6 +241,10 @@ def _setup_logging(config: Config) -> None:
 
 
 def _build(config: Config) -> tuple[Daemon, Dispatcher]:
+    from .dispatch import Daemon, Dispatcher, registered_handlers
+    from .qapi import load_schema
+    from .qapi.tables import build_tables
+
     for module in config.handler_modules:
         importlib.import_module(module)
     schema = load_schema(config.schema)
@@ -240,6 +254,14 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     return Daemon(tables), dispatcher
 
 
+def _greeting(pretty: bool) -> bytes:
+    from .qmp.encode import encode, encode_pretty
+    from .qmp.greeting import greeting
+
+    message = greeting(QMP_API_VERSION, PACKAGE, ["oob"])
+    return encode_pretty(message) if pretty else encode(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_command_line(sys.argv[1:] if argv is None else argv)
@@ -247,40 +269,72 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qmpjobd: {exc}", file=sys.stderr)
         return 2
     _setup_logging(config)
+    ready_pipe = _daemonize() if config.daemonize else None
+    sockets = [m for m in config.monitors if m.path is not None]
+    bound: list[tuple[socket.socket, MonitorSpec]] = []
+    try:
+        for monitor in sockets:
+            assert monitor.path is not None
+            bound.append((bind_unix_socket(monitor.path), monitor))
+    except SocketInUse as exc:
+        _unbind(bound)
+        return _fail(ready_pipe, str(exc))
+    except OSError as exc:
+        _unbind(bound)
+        return _fail(ready_pipe, f"cannot listen on {exc.filename or 'a socket'}: {exc.strerror}")
+    try:
+        return _serve(config, bound, ready_pipe)
+    finally:
+        _unbind(bound)
+        if config.pidfile:
+            Path(config.pidfile).unlink(missing_ok=True)
+
+
+def _unbind(bound: list[tuple[socket.socket, MonitorSpec]]) -> None:
+    for _, monitor in bound:
+        assert monitor.path is not None
+        unlink_socket(monitor.path)
+
+
+def _serve(
+    config: Config, bound: list[tuple[socket.socket, MonitorSpec]], ready_pipe: int | None
+) -> int:
+    listeners = bound
+    greeter = EarlyGreeter([(sock, _greeting(m.pretty)) for sock, m in listeners])
+    greeter.start()
     try:
         daemon, dispatcher = _build(config)
-    except (QapiError, StartupError) as exc:
-        print(f"qmpjobd: {exc}", file=sys.stderr)
-        return 1
-    ready_pipe = _daemonize() if config.daemonize else None
+    except Exception as exc:  # QapiError, StartupError: the schema and handlers don't fit
+        greeter.stop()
+        return _fail(ready_pipe, str(exc))
+    greeted = greeter.stop()
 
-    def on_ready(paths: list[str]) -> None:
+    import trio
+
+    from .server import Listening, Server, ServerOptions
+
+    def on_ready() -> None:
         if config.pidfile:
             Path(config.pidfile).write_text(f"{os.getpid()}\n")
+        paths = [m.path for _, m in listeners]
         if config.default_socket:
             print(paths[0], flush=True)
-        log.info("listening on %s", ", ".join(paths) or "stdio")
+        log.info("listening on %s", ", ".join(str(p) for p in paths) or "stdio")
         if ready_pipe is not None:
             _detach(ready_pipe)
 
     options = ServerOptions(
-        monitors=config.monitors, version=QEMU_API_VERSION, package=PACKAGE, on_ready=on_ready
+        version=QMP_API_VERSION,
+        package=PACKAGE,
+        listening=[Listening(sock, str(m.path), m.pretty) for sock, m in listeners],
+        greeted=greeted,
+        stdio=[m.pretty for m in config.monitors if m.path is None],
+        on_ready=on_ready,
     )
     if config.output_limit is not None:
         options.output_limit = config.output_limit
-    server = Server(options, daemon, dispatcher)
-    try:
-        trio.run(server.run)
-    except SocketInUse as exc:
-        return _fail(ready_pipe, str(exc))
-    except OSError as exc:
-        return _fail(ready_pipe, f"cannot listen: {exc}")
-    finally:
-        if config.pidfile:
-            Path(config.pidfile).unlink(missing_ok=True)
+    trio.run(Server(options, daemon, dispatcher).run)
     return 0
-
-
 def _fail(ready_pipe: int | None, message: str) -> int:
     if ready_pipe is not None:  # the waiting parent reports it
         os.write(ready_pipe, message.encode())

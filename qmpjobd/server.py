@@ -15,11 +15,10 @@ channel hop). Once a client enables oob, in-band commands go to a queue of at mo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import signal
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import trio
 from .dispatch import Context, Daemon, Dispatcher
 from .events import Event
 from .fdio import FdChannel
+from .listen import unlink_socket
 from .qmp.errors import QmpError
 from .qmp.framing import JsonSplitter
 from .qmp.session import Request, Session
@@ -43,32 +43,36 @@ DEFAULT_OUTPUT_LIMIT = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class MonitorSpec:
-    """A QMP monitor: a Unix socket path, or None for stdin/stdout."""
+class Listening:
+    """A monitor socket, bound and listening before the event loop started (see listen.py)."""
 
-    path: str | None
-    pretty: bool = False
+    sock: socket.socket
+    path: str
+    pretty: bool
 
 
 @dataclass
 class ServerOptions:
-    monitors: list[MonitorSpec]
     version: tuple[int, int, int]
     package: str
+    listening: list[Listening] = field(default_factory=list)
+    # Connections accepted and greeted before the server started, with their listener's index.
+    greeted: list[tuple[socket.socket, int]] = field(default_factory=list)
+    # stdin/stdout monitors (their pretty flags).
+    stdio: list[bool] = field(default_factory=list)
     output_limit: int = DEFAULT_OUTPUT_LIMIT
-    # Ready callback: called once every socket listens (pidfile, daemonize, "listening on").
-    on_ready: Callable[[list[str]], None] = field(default=lambda paths: None)
-
-
-class SocketInUse(Exception):
-    """Another live daemon answers on the socket path."""
+    # Called once the server serves every monitor (pidfile, daemonize, "listening on").
+    on_ready: Callable[[], None] = field(default=lambda: None)
 
 
 class Connection:
     """One client: its session, its output buffer and the tasks that serve it."""
 
-    def __init__(self, server: Server, channel: FdChannel, pretty: bool, name: str) -> None:
+    def __init__(
+        self, server: Server, channel: FdChannel, pretty: bool, name: str, greeted: bool = False
+    ) -> None:
         self.server = server
+        self.greeted = greeted
         self.channel = channel
         self.name = name
         self.session = Session(
@@ -147,7 +151,8 @@ class Connection:
         with self._scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
-                self.send(self.session.greeting())
+                if not self.greeted:
+                    self.send(self.session.greeting())
                 await self._read(nursery)
                 # End of input: let the replies already produced go out, then close.
                 await self.drain()
@@ -226,33 +231,39 @@ class Server:
         daemon.quit_requested = self._quit.set
 
     async def run(self) -> None:
-        """Listen on every monitor until quit, SIGTERM or SIGINT; then close down cleanly."""
-        listeners: list[tuple[trio.SocketListener, str]] = []
+        """Serve every monitor until quit, SIGTERM or SIGINT; then close down cleanly."""
+        options = self.options
+        listeners = [
+            trio.SocketListener(trio.socket.from_stdlib_socket(m.sock)) for m in options.listening
+        ]
         try:
-            for monitor in self.options.monitors:
-                if monitor.path is not None:
-                    listeners.append((await bind_unix_socket(monitor.path), monitor.path))
-            self.options.on_ready([path for _, path in listeners])
             async with trio.open_nursery() as nursery:
-                for (listener, path), monitor in zip(
-                    listeners, [m for m in self.options.monitors if m.path], strict=True
-                ):
-                    nursery.start_soon(self._accept_loop, listener, path, monitor.pretty)
-                for monitor in self.options.monitors:
-                    if monitor.path is None:
-                        nursery.start_soon(self._serve_stdio, monitor.pretty)
-                nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+                for listener, monitor in zip(listeners, options.listening, strict=True):
+                    nursery.start_soon(self._accept_loop, listener, monitor.path, monitor.pretty)
+                for conn, index in options.greeted:
+                    monitor = options.listening[index]
+                    fd = conn.detach()
+                    channel = FdChannel(fd, fd, owned=(fd,))
+                    nursery.start_soon(
+                        self._serve, channel, monitor.pretty, self._name(monitor.path), True
+                    )
+                for pretty in options.stdio:
+                    nursery.start_soon(self._serve_stdio, pretty)
+                nursery.start_soon(self._watch_signals)
+                options.on_ready()
                 await self._quit.wait()
                 await self._flush_all()
                 nursery.cancel_scope.cancel()
         finally:
-            for listener, path in listeners:
+            for listener, monitor in zip(listeners, options.listening, strict=True):
                 await listener.aclose()
-                _unlink_socket(path)
+                unlink_socket(monitor.path)
 
-    async def _watch_signals(self, scope: trio.CancelScope) -> None:
-        import signal
+    def _name(self, path: str) -> str:
+        self._counter += 1
+        return f"{path}#{self._counter}"
 
+    async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
@@ -270,17 +281,18 @@ class Server:
             while True:
                 stream = await listener.accept()
                 fd = stream.socket.detach()  # the connection owns the fd from here on
-                self._counter += 1
                 channel = FdChannel(fd, fd, owned=(fd,))
-                nursery.start_soon(self._serve, channel, pretty, f"{path}#{self._counter}")
+                nursery.start_soon(self._serve, channel, pretty, self._name(path))
 
     async def _serve_stdio(self, pretty: bool) -> None:
         read_fd, write_fd = os.dup(0), os.dup(1)
         channel = FdChannel(read_fd, write_fd, owned=(read_fd, write_fd))
         await self._serve(channel, pretty, "stdio")
 
-    async def _serve(self, channel: FdChannel, pretty: bool, name: str) -> None:
-        connection = Connection(self, channel, pretty, name)
+    async def _serve(
+        self, channel: FdChannel, pretty: bool, name: str, greeted: bool = False
+    ) -> None:
+        connection = Connection(self, channel, pretty, name, greeted)
         self.connections.add(connection)
         log.debug("%s: connected", name)
         try:
@@ -293,38 +305,3 @@ class Server:
             self.connections.discard(connection)
             channel.close()
             log.debug("%s: disconnected", name)
-
-
-# -- Unix sockets ------------------------------------------------------------------------------
-
-
-async def bind_unix_socket(path: str) -> trio.SocketListener:
-    """A listening socket at PATH, mode 0600. A socket file whose daemon still answers is never
-    taken over (SocketInUse); a stale one, left by a daemon that was killed, is replaced."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise SocketInUse(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise SocketInUse(f"{path} is in use by a running daemon")
-        finally:
-            probe.close()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The socket file is created by bind(); the umask makes it 0600 from the first instant.
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    sock.listen(socket.SOMAXCONN)
-    return trio.SocketListener(sock)
-
-
-def _unlink_socket(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-

@@ -172,9 +172,13 @@ def bench_protocol() -> None:
     daemons: dict[str, Callable[[list[str]], list[str]]] = {
         "qemu-storage-daemon": qsd_argv, "qmpjobd": qmpjobd_argv,
     }
-    for name, argv_of in daemons.items():
-        results = figures.setdefault(name, {"rtt": [], "pipe": [], "clients": [], "startup": []})
-        for repeat in range(REPEATS):
+    # Repeats alternate between the daemons, so that a change in the machine's load between
+    # repeats weighs on both alike.
+    for repeat in range(REPEATS):
+        for name, argv_of in daemons.items():
+            results = figures.setdefault(
+                name, {"rtt": [], "pipe": [], "clients": [], "startup": []}
+            )
             count = 16 if name == "qemu-storage-daemon" else 1
             paths = [os.path.join(workdir, f"{name}-{repeat}-{i}.sock") for i in range(count)]
             with running(argv_of(paths), paths[0]) as startup:

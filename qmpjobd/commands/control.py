@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import __version__
+from .. import PACKAGE, QMP_API_VERSION
 from ..dispatch import Context, handler
-
-# The QEMU release whose QMP interface qmpjobd implements.
-QEMU_API_VERSION = (7, 2, 0)
-PACKAGE = f"qmpjobd {__version__}"
 
 
 @handler("qmp_capabilities")
@@ -20,14 +16,14 @@ async def qmp_capabilities(ctx: Context, *, enable: list[str] | None = None) -> 
 
 @handler("query-version")
 async def query_version(ctx: Context) -> dict[str, Any]:
-    major, minor, micro = QEMU_API_VERSION
+    major, minor, micro = QMP_API_VERSION
     return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": PACKAGE}
 
 
 @handler("query-commands")
 async def query_commands(ctx: Context) -> list[dict[str, str]]:
     # QEMU lists the most recently registered command first: the schema's order, reversed.
-    return [{"name": name} for name in reversed(ctx.daemon.tables.commands)]
+    return [{"name": name} for name in reversed(list(ctx.daemon.tables.commands))]
 
 
 @handler("query-qmp-schema")

@@ -22,6 +22,7 @@ from ..qapi.leftover import qdict_order
 from .encode import encode, encode_pretty
 from .errors import QmpError, generic
 from .framing import FramingError
+from .greeting import greeting
 
 
 class _NoId:
@@ -63,18 +64,7 @@ class Session:
     # -- output ----------------------------------------------------------------------------
 
     def greeting(self) -> bytes:
-        major, minor, micro = self.version
-        return self._encode(
-            {
-                "QMP": {
-                    "version": {
-                        "qemu": {"micro": micro, "minor": minor, "major": major},
-                        "package": self.package,
-                    },
-                    "capabilities": list(self.offered),
-                }
-            }
-        )
+        return self._encode(greeting(self.version, self.package, list(self.offered)))
 
     def reply(self, request: Request, value: object) -> bytes:
         message: dict[str, object] = {"return": value}
