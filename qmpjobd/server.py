@@ -26,11 +26,11 @@ import trio
 
 from .dispatch import Context, Daemon, Dispatcher
 from .events import Event
-from .fdio import FdChannel
+from .fdio import FdChannel, ReadinessHub
 from .listen import unlink_socket
 from .qmp.errors import QmpError
 from .qmp.framing import JsonSplitter
-from .qmp.session import Request, Session
+from .qmp.session import Session
 
 log = logging.getLogger("qmpjobd.server")
 
@@ -160,10 +160,9 @@ class Connection:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         unyielding = 0  # reads in a row that found input waiting, so never yielded
-        drained = False  # did the last read empty the kernel's buffer?
+        drained = False  # did the last read take all the kernel had?
         while True:
             if drained:
-                # Input will most likely come later: wait for it rather than ask in vain.
                 await self.channel.wait_readable()
                 unyielding = 0
             data = self.channel.read_now(RECEIVE_SIZE)
@@ -172,6 +171,7 @@ class Connection:
                 continue
             if not data:
                 return
+            # A short read took everything there was: wait before reading again.
             drained = len(data) < RECEIVE_SIZE
             unyielding += 1
             if unyielding > FAIR_READS:
@@ -198,21 +198,20 @@ class Connection:
         nursery.start_soon(serve_queue)
 
     async def _handle(self, item: object) -> None:
-        accepted = self.session.accept(item)
-        if isinstance(accepted, bytes):
-            self.send(accepted)
+        session = self.session
+        request = session.accept(item)
+        if isinstance(request, bytes):
+            self.send(request)
             return
-        self.send(await self._run(accepted))
-        if self.session.negotiated and not self._subscribed:
-            self._subscribed = True
-            self.server.daemon.events.subscribe(self.deliver)
-
-    async def _run(self, request: Request) -> bytes:
         try:
             value = await self.server.dispatcher.run(self.context, request)
         except QmpError as error:
-            return self.session.error_reply(request.id, error)
-        return self.session.reply(request, value)
+            self.send(session.error_reply(request.id, error))
+        else:
+            self.send(session.reply(request, value))
+        if not self._subscribed and session.negotiated:
+            self._subscribed = True
+            self.server.daemon.events.subscribe(self.deliver)
 
     def unsubscribe(self) -> None:
         if self._subscribed:
@@ -228,6 +227,7 @@ class Server:
         self.connections: set[Connection] = set()
         self._quit = trio.Event()
         self._counter = 0
+        self.hub = ReadinessHub()
         daemon.quit_requested = self._quit.set
 
     async def run(self) -> None:
@@ -243,7 +243,7 @@ class Server:
                 for conn, index in options.greeted:
                     monitor = options.listening[index]
                     fd = conn.detach()
-                    channel = FdChannel(fd, fd, owned=(fd,))
+                    channel = FdChannel(fd, fd, (fd,), self.hub)
                     nursery.start_soon(
                         self._serve, channel, monitor.pretty, self._name(monitor.path), True
                     )
@@ -255,6 +255,7 @@ class Server:
                 await self._flush_all()
                 nursery.cancel_scope.cancel()
         finally:
+            self.hub.close()
             for listener, monitor in zip(listeners, options.listening, strict=True):
                 await listener.aclose()
                 unlink_socket(monitor.path)
@@ -281,12 +282,12 @@ class Server:
             while True:
                 stream = await listener.accept()
                 fd = stream.socket.detach()  # the connection owns the fd from here on
-                channel = FdChannel(fd, fd, owned=(fd,))
+                channel = FdChannel(fd, fd, (fd,), self.hub)
                 nursery.start_soon(self._serve, channel, pretty, self._name(path))
 
     async def _serve_stdio(self, pretty: bool) -> None:
         read_fd, write_fd = os.dup(0), os.dup(1)
-        channel = FdChannel(read_fd, write_fd, owned=(read_fd, write_fd))
+        channel = FdChannel(read_fd, write_fd, (read_fd, write_fd), self.hub)
         await self._serve(channel, pretty, "stdio")
 
     async def _serve(
