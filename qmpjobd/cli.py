@@ -203,11 +203,12 @@ def parse_command_line(argv: list[str]) -> Config:
     return config
 
 
-def default_socket_path() -> str:
+def default_socket_path(tmp: str = "/tmp") -> str:
+    """$XDG_RUNTIME_DIR/qmpjobd.sock, else TMP/qmpjobd-$UID/qmp.sock in a private directory."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "qmpjobd.sock")
-    private = f"/tmp/qmpjobd-{os.getuid()}"
+    private = os.path.join(tmp, f"qmpjobd-{os.getuid()}")
     try:
         os.mkdir(private, 0o700)
     except FileExistsError:

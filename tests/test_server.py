@@ -290,3 +290,19 @@ def test_bad_command_lines() -> None:
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("qmpjobd 0.1.0")
 
+
+
+def test_default_socket_path_without_xdg_runtime_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qmpjobd.cli import UsageError, default_socket_path
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    path = default_socket_path(str(tmp_path))
+    private = tmp_path / f"qmpjobd-{os.getuid()}"
+    assert path == str(private / "qmp.sock")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert default_socket_path(str(tmp_path)) == path  # the same directory again is fine
+    private.chmod(0o755)  # others could plant a socket there: refuse it
+    with pytest.raises(UsageError, match="not a private directory"):
+        default_socket_path(str(tmp_path))
