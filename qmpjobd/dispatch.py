@@ -18,6 +18,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import trio
+
+from .block.graph import BlockGraph
 from .events import EventBus
 from .jobs.errors import JobError
 from .jobs.manager import JobManager
@@ -65,6 +68,9 @@ class Daemon:
     tables: Tables
     jobs: JobManager = field(default_factory=JobManager)
     events: EventBus = field(default_factory=EventBus)
+    graph: BlockGraph = field(default_factory=BlockGraph)
+    # Where jobs run; the server opens it before it serves anyone.
+    job_nursery: trio.Nursery | None = None
     # Set by `quit`; the server watches it.
     quit_requested: Callable[[], None] = lambda: None
 
@@ -83,6 +89,15 @@ class Context:
     @property
     def events(self) -> EventBus:
         return self.daemon.events
+
+    @property
+    def graph(self) -> BlockGraph:
+        return self.daemon.graph
+
+    @property
+    def job_nursery(self) -> trio.Nursery:
+        assert self.daemon.job_nursery is not None
+        return self.daemon.job_nursery
 
 
 class Dispatcher:

@@ -238,6 +238,7 @@ class Server:
         ]
         try:
             async with trio.open_nursery() as nursery:
+                self.daemon.job_nursery = nursery
                 for listener, monitor in zip(listeners, options.listening, strict=True):
                     nursery.start_soon(self._accept_loop, listener, monitor.path, monitor.pretty)
                 for conn, index in options.greeted:

@@ -1,32 +1,61 @@
-"""The job registry: every job the daemon knows, newest first, found by id.
-
-The engine (job states, verbs, transactions) fills it; until then it is empty and every verb
-answers as QEMU does for an unknown id.
-"""
+"""The job registry: every job the daemon knows, newest first, found by id."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import re
+from typing import Any
 
 from .errors import JobError
+from .job import Job
 
 
-class JobLike(Protocol):
-    id: str
+class DeviceNotActive(JobError):
+    cls = "DeviceNotActive"
 
-    def info(self) -> dict[str, Any]: ...
+
+# QEMU's well-formed ids: a letter, then letters, digits, '-', '.' and '_'.
+_WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
 class JobManager:
     def __init__(self) -> None:
-        # Insertion order is creation order; queries list the newest first, as QEMU does.
-        self._jobs: dict[str, JobLike] = {}
+        self._jobs: dict[str, Job] = {}  # creation order
 
-    def find(self, job_id: str) -> JobLike:
-        job = self._jobs.get(job_id)
+    def _live(self) -> dict[str, Job]:
+        # Dismissed jobs (status null) leave the registry the next time anyone looks.
+        for job_id in [i for i, job in self._jobs.items() if job.status == "null"]:
+            del self._jobs[job_id]
+        return self._jobs
+
+    def check_new_id(self, job_id: str) -> None:
+        if not _WELL_FORMED.match(job_id):
+            raise JobError(f"Invalid job ID '{job_id}'")
+        if job_id in self._live():
+            raise JobError(f"Job ID '{job_id}' already in use")
+
+    def add(self, job: Job) -> None:
+        self.check_new_id(job.id)
+        self._jobs[job.id] = job
+
+    def find(self, job_id: str) -> Job:
+        job = self._live().get(job_id)
         if job is None:
             raise JobError("Job not found")
         return job
 
+    def find_block(self, job_id: str) -> Job:
+        """The block-job-* commands' lookup, with their own error class and words."""
+        job = self._live().get(job_id)
+        if job is None:
+            raise DeviceNotActive(f"Block job '{job_id}' not found")
+        return job
+
+    def jobs(self) -> list[Job]:
+        """Newest first."""
+        return list(reversed(self._live().values()))
+
     def query(self) -> list[dict[str, Any]]:
-        return [job.info() for job in reversed(self._jobs.values())]
+        return [job.info() for job in self.jobs()]
+
+    def __len__(self) -> int:
+        return len(self._live())

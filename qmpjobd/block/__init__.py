@@ -1,0 +1,1 @@
+"""Block nodes and the block job kinds."""

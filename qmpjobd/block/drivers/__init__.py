@@ -1,0 +1,1 @@
+"""Block drivers: what a node reads from and writes to."""

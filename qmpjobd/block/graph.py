@@ -1,0 +1,59 @@
+"""Block nodes by name, and which jobs hold them.
+
+A job that uses a node blocks it for the operations that would disturb the job; QEMU reports
+that as "Node 'dst' is busy: block device is in use by block job: backup". The node graph of
+this milestone is flat: every node is a root, and a `raw` node's `file` child is not a root.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from ..jobs.errors import JobError
+
+if TYPE_CHECKING:
+    from .drivers.base import Node
+
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+
+
+class BlockError(JobError):
+    """A block layer error; the dispatcher reports it like any JobError (GenericError)."""
+
+
+class BlockGraph:
+    def __init__(self) -> None:
+        self._nodes: dict[str, Node] = {}
+
+    def check_new_name(self, name: str) -> None:
+        if not _NODE_NAME.match(name):
+            raise BlockError(f"Invalid node-name: '{name}'")
+        if name in self._nodes:
+            raise BlockError(f"Duplicate nodes with node-name='{name}'")
+
+    def add(self, node: Node) -> None:
+        self.check_new_name(node.name)
+        self._nodes[node.name] = node
+
+    def lookup(self, name: str) -> Node:
+        """By device or node name, for commands that take either (QSD has no devices)."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise BlockError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def find(self, name: str) -> Node:
+        node = self._nodes.get(name)
+        if node is None:
+            raise BlockError(f"Failed to find node with node-name='{name}'")
+        return node
+
+    def remove(self, name: str) -> Node:
+        node = self.find(name)
+        node.check_removable()
+        del self._nodes[name]
+        return node
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes.values())

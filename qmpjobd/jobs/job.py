@@ -1,0 +1,320 @@
+"""A job: QEMU's statuses, transition and verb tables, pauses, cancellation, speed, progress.
+
+A job's work is a trio task running `run()`; between chunks it calls `pause_point()` and, when
+rate-limited, `ratelimit_sleep()`, which is where pause, cancel and speed changes take effect,
+as at QEMU's pause points. What happens once the work is done (waiting, pending, finalization,
+abort of the whole group) is the transaction's business (txn.py).
+
+The tables are QEMU's (checked against qemu-storage-daemon: docs/job-model.md, section 2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import trio
+
+from .errors import JobError
+from .ratelimit import RateLimit
+
+log = logging.getLogger("qmpjobd.jobs")
+
+Emit = Callable[[str, dict[str, Any] | None], None]
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "undefined": frozenset({"created"}),
+    "created": frozenset({"running", "aborting", "null"}),
+    "running": frozenset({"paused", "ready", "waiting", "aborting"}),
+    "paused": frozenset({"running"}),
+    "ready": frozenset({"standby", "waiting", "aborting"}),
+    "standby": frozenset({"ready"}),
+    "waiting": frozenset({"pending", "aborting"}),
+    "pending": frozenset({"aborting", "concluded"}),
+    "aborting": frozenset({"aborting", "concluded"}),
+    "concluded": frozenset({"null"}),
+    "null": frozenset(),
+}
+
+_LIVE = frozenset({"created", "running", "paused", "ready", "standby"})
+VERBS: dict[str, frozenset[str]] = {
+    "cancel": _LIVE | {"waiting", "pending"},
+    "pause": _LIVE,
+    "resume": _LIVE,
+    "set-speed": _LIVE,
+    "complete": frozenset({"ready", "standby"}),
+    "finalize": frozenset({"pending"}),
+    "dismiss": frozenset({"concluded"}),
+}
+
+CANCELED = "Operation canceled"
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's work when it has been cancelled; the job then aborts."""
+
+
+class Job:
+    job_type: ClassVar[str] = ""
+
+    def __init__(
+        self, job_id: str, emit: Emit, *, auto_finalize: bool = True, auto_dismiss: bool = True
+    ) -> None:
+        from .txn import JobTxn  # a job always belongs to a transaction, if only its own
+
+        self.id = job_id
+        self.status = "undefined"
+        self._emit = emit
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.txn = JobTxn()
+        self.txn.add(self)
+        # Pauses: the client's flag (pauses by the client do not nest) and the count of all
+        # pause requests, the client's and the daemon's own.
+        self.user_paused = False
+        self.pause_count = 0
+        self.busy = False  # doing work, rather than sleeping, paused or done
+        self.cancelled = False
+        self.force_cancel = False
+        self.work_done = False  # run() has returned or raised
+        self.error: str | None = None
+        self.progress_current = 0
+        self.progress_total = 0
+        self.speed = 0
+        self.limit = RateLimit()
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+
+    # -- status --------------------------------------------------------------------------
+
+    def transition(self, status: str) -> None:
+        assert status in TRANSITIONS[self.status], f"{self.id}: {self.status} -> {status}"
+        self.status = status
+        self._emit("JOB_STATUS_CHANGE", {"status": status, "id": self.id})
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def changed(self) -> None:
+        """Wait for the next status change."""
+        await self._changed.wait()
+
+    async def settle(self) -> None:
+        """Wait until the job has acted on what was just asked of it (pause, resume, cancel),
+        so that the events it causes go out before the command's reply, as in QEMU."""
+        while not self.work_done and not self.finished and not self._settled():
+            await self.changed()
+        if self.is_cancelled:
+            while not self.finished:
+                await self.changed()
+
+    def _settled(self) -> bool:
+        if self.is_cancelled:
+            return False
+        parked = self.status in ("paused", "standby")
+        return parked if self.pause_count > 0 else not parked
+
+    def check_verb(self, verb: str) -> None:
+        if self.status not in VERBS[verb]:
+            raise JobError(
+                f"Job '{self.id}' in state '{self.status}' cannot accept command verb '{verb}'"
+            )
+
+    @property
+    def is_cancelled(self) -> bool:
+        """Cancelled for good (a soft cancel of a ready job is a completion instead)."""
+        return self.cancelled and self.force_cancel
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("concluded", "null")
+
+    # -- the work and its pause points -----------------------------------------------------
+
+    async def run(self) -> None:
+        """The job's work: subclasses copy, stream, create... raising JobCancelled when asked."""
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _wait_for_wake(self, timeout_ns: int | None = None) -> None:
+        self.busy = False
+        try:
+            if timeout_ns is None:
+                await self._wake.wait()
+            else:
+                with trio.move_on_after(timeout_ns / 1e9):
+                    await self._wake.wait()
+        finally:
+            self._wake = trio.Event()
+            self.busy = True
+
+    async def pause_point(self) -> None:
+        """Where pauses take effect (and cancellation is noticed)."""
+        if self.pause_count > 0 and not self.is_cancelled:
+            resumed = self.status
+            self.transition("paused" if resumed == "running" else "standby")
+            while self.pause_count > 0 and not self.is_cancelled:
+                await self._wait_for_wake()
+            self.transition(resumed)
+        if self.is_cancelled:
+            raise JobCancelled
+
+    async def sleep_ns(self, ns: int) -> None:
+        """Sleep, unless woken (pause, cancel, a faster speed), then pass a pause point."""
+        if ns > 0:
+            await self._wait_for_wake(ns)
+        else:
+            await trio.lowlevel.checkpoint()
+        await self.pause_point()
+
+    async def ratelimit_sleep(self) -> None:
+        """Wait as long as the speed asks after the bytes charged so far."""
+        while True:
+            delay = self.limit.delay_ns(0)
+            await self.sleep_ns(delay)
+            if not delay or self.is_cancelled:
+                return
+
+    def charge(self, n: int) -> None:
+        """Count N bytes processed, for progress and for the speed limit."""
+        self.progress_current += n
+        self.limit.delay_ns(n)
+
+    # -- verbs (called by handlers; each raises JobError with QEMU's words) ------------------
+
+    def pause(self) -> None:
+        self.pause_count += 1
+        self.wake()
+
+    def resume(self) -> None:
+        assert self.pause_count > 0
+        self.pause_count -= 1
+        if self.pause_count == 0:
+            self.wake()
+
+    def user_pause(self) -> None:
+        self.check_verb("pause")
+        if self.user_paused:
+            raise JobError("Job is already paused")
+        self.user_paused = True
+        self.pause()
+
+    def user_resume(self) -> None:
+        # QEMU checks the flag before the status: resuming a pending job says this too.
+        if not self.user_paused:
+            raise JobError("Can't resume a job that was not paused")
+        self.check_verb("resume")
+        self.user_paused = False
+        self.resume()
+
+    def set_speed(self, speed: int) -> None:
+        self.check_verb("set-speed")
+        if speed < 0:
+            raise JobError("Parameter 'speed' expects a non-negative value")
+        old = self.speed
+        self.speed = speed
+        self.limit.set_speed(speed)
+        if speed and speed <= old:
+            return
+        self.wake()  # a faster pace starts now
+
+    def cancel(self, force: bool) -> None:
+        self.check_verb("cancel")
+        self.request_cancel(force)
+        if self.work_done:
+            # Done already (waiting, pending): nothing to interrupt, the group aborts now.
+            if self.is_cancelled:
+                self.txn.abort(self)
+        else:
+            self.wake()
+
+    def request_cancel(self, force: bool) -> None:
+        if self.user_paused:
+            self.user_paused = False
+            self.resume()
+        if not self.cancelled:
+            self.cancelled = True
+            self.force_cancel = force
+        self.force_cancel = self.force_cancel or force or not self.soft_cancel_completes()
+
+    def soft_cancel_completes(self) -> bool:
+        """Whether a cancel without force completes the job instead (a ready mirror)."""
+        return False
+
+    def complete(self) -> None:
+        self.check_verb("complete")
+        if self.cancelled or not self.completable():
+            raise JobError(f"The active block job '{self.id}' cannot be completed")
+        self.do_complete()
+
+    def completable(self) -> bool:
+        return False
+
+    def do_complete(self) -> None:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        self.check_verb("finalize")
+        self.txn.finalize()
+
+    def dismiss(self) -> None:
+        self.check_verb("dismiss")
+        self.transition("null")
+
+    # -- hooks for the kinds of job (block jobs emit BLOCK_JOB_* events here) --------------
+
+    def on_pending(self) -> None:
+        """The job entered `pending` and waits for job-finalize (auto-finalize off)."""
+
+    def commit(self) -> None:
+        """Make the job's result final (success)."""
+
+    def abort(self) -> None:
+        """Undo what can be undone (failure or cancellation)."""
+
+    def on_finalized(self) -> None:
+        """After commit or abort, before `concluded`: block jobs report how it ended."""
+
+    # -- what query-jobs shows -------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "id": self.id,
+            "type": self.job_type,
+            "status": self.status,
+            "current-progress": self.progress_current,
+            "total-progress": self.progress_total,
+        }
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+    # -- the task ------------------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Created -> running (events now, before the creating command replies); work starts."""
+        self.transition("running")
+        self.busy = True
+        nursery.start_soon(self._main)
+
+    async def _main(self) -> None:
+        error: str | None = None
+        try:
+            await self.run()
+            if self.is_cancelled:
+                raise JobCancelled
+        except JobCancelled:
+            error = CANCELED
+        except JobError as exc:
+            error = exc.desc
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+        except Exception:
+            # A bug: the job fails, the daemon goes on.
+            log.exception("job %s failed unexpectedly", self.id)
+            error = "internal error; the daemon's log has the details"
+        self.work_done = True
+        self.busy = False
+        self.txn.job_done(self, error)

@@ -1,0 +1,85 @@
+"""Jobs that complete together: a transaction's group (and every job's own group of one).
+
+A job whose work succeeded waits in `waiting` until every job of its group got that far; then
+all go `pending` and, unless one of them needs job-finalize (auto-finalize off), are finalized
+together. One failure or cancellation aborts the whole group: the others are cancelled, and
+every job then ends in `aborting` and `concluded`. Jobs are handled newest first, as QEMU does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .job import Job
+
+
+class JobTxn:
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []  # newest first
+        self.aborting = False
+
+    def add(self, job: Job) -> None:
+        if job.txn is not self:
+            job.txn.jobs.remove(job)
+            job.txn = self
+        self.jobs.insert(0, job)
+
+    def job_done(self, job: Job, error: str | None) -> None:
+        """JOB's work ended: successfully (ERROR None), or failed or cancelled."""
+        if self.aborting:
+            self._finish_abort()  # the last member to stop finishes the abort
+            return
+        if error is not None:
+            job.error = error
+            self.abort(job)
+            return
+        job.transition("waiting")
+        if any(not other.work_done for other in self.jobs):
+            return
+        for other in self.jobs:
+            other.transition("pending")
+            if not other.auto_finalize:
+                other.on_pending()
+        if all(other.auto_finalize for other in self.jobs):
+            self.finalize()
+
+    def finalize(self) -> None:
+        for job in list(self.jobs):
+            job.commit()
+            job.on_finalized()
+        for job in list(self.jobs):
+            self._conclude(job)
+
+    def abort(self, initiator: Job) -> None:
+        """Abort the group because of INITIATOR (failed or cancelled)."""
+        self.aborting = True
+        for job in self.jobs:
+            if job is not initiator and not job.finished:
+                job.request_cancel(force=True)
+                if job.error is None:
+                    job.error = "Operation canceled"
+                job.wake()
+        # Jobs still working stop at their next pause point; the last to stop finishes the
+        # abort (job_done), or it is finished here if no job is working any more.
+        self._finish_abort()
+
+    def _finish_abort(self) -> None:
+        for job in list(self.jobs):
+            if not job.work_done:
+                return  # its task comes back here when its work has stopped
+        for job in list(self.jobs):
+            if job.finished:
+                continue
+            if job.error is None:
+                job.error = "Operation canceled"
+            job.transition("aborting")
+            job.abort()
+            job.on_finalized()
+            self._conclude(job)
+
+    @staticmethod
+    def _conclude(job: Job) -> None:
+        job.transition("concluded")
+        if job.auto_dismiss:
+            job.transition("null")
