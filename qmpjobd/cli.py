@@ -29,6 +29,20 @@ if TYPE_CHECKING:
 # the schema compiler and the handlers load while early clients already have their greeting.
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / "schema" / "qapi-schema.json"
+# The build conditions the schema's 'if' conditions are evaluated under: those of the
+# qemu-storage-daemon qmpjobd stands in for (Debian bookworm's 7.2), so that conditional members
+# and values (BlockdevOptionsFile's drop-cache, BlockdevAioOptions' io_uring, ...) are there
+# exactly when they are in QSD. The test suite checks this set against the live QSD
+# (tests/daemons.py QSD_DEFINES).
+SCHEMA_DEFINES = frozenset(
+    {
+        "CONFIG_DBUS_DISPLAY", "CONFIG_FUSE", "CONFIG_LIBPMEM", "CONFIG_LINUX",
+        "CONFIG_LINUX_IO_URING", "CONFIG_POSIX", "CONFIG_REPLICATION", "CONFIG_SECRET_KEYRING",
+        "CONFIG_SPICE", "CONFIG_SPICE_PROTOCOL", "CONFIG_VDUSE_BLK_EXPORT", "CONFIG_VHOST_CRYPTO",
+        "CONFIG_VHOST_USER_BLK_SERVER", "CONFIG_ZSTD", "HAVE_HOST_BLOCK_DEVICE",
+        "HAVE_IPPROTO_MPTCP",
+    }
+)
 log = logging.getLogger("qmpjobd")
 
 
@@ -249,7 +263,7 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     for module in config.handler_modules:
         importlib.import_module(module)
     schema = load_schema(config.schema)
-    tables = build_tables(schema)
+    tables = build_tables(schema, SCHEMA_DEFINES)
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
     dispatcher = Dispatcher(tables, registered_handlers(), check_replies=check)
     return Daemon(tables), dispatcher

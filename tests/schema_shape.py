@@ -32,3 +32,73 @@ def shape(entries: list[SchemaInfo], name: str) -> Any:
 
     entry = by_name[name]
     return {"name": name, **{k: sub(k, v, (name,)) for k, v in entry.items() if k != "name"}}
+
+
+# qmpjobd has a subset of QEMU's block drivers and transaction actions (docs/compat.md, "Block
+# nodes and drivers"), so these commands' argument types are QSD's with enum values and union
+# branches left out. For each command: the places in its shape where that is allowed, as paths
+# of the form subset_paths() reports. Everything else in them must be identical to QSD's.
+SUBSETTED: dict[str, frozenset[str]] = {
+    # BlockdevOptions (branches) and its tag BlockdevDriver (values)
+    "blockdev-add": frozenset({"arg-type", "arg-type.members[driver].type"}),
+    # BlockdevCreateOptions and BlockdevDriver
+    "blockdev-create": frozenset(
+        {"arg-type.members[options].type", "arg-type.members[options].type.members[driver].type"}
+    ),
+    # TransactionAction and its tag TransactionActionKind
+    "transaction": frozenset(
+        {
+            "arg-type.members[actions].type.element-type",
+            "arg-type.members[actions].type.element-type.members[type].type",
+        }
+    ),
+}
+
+
+def subset_paths(mine: Any, theirs: Any, path: str = "") -> set[str]:
+    """Where shape MINE leaves out enum values or union branches that shape THEIRS has.
+
+    Raises AssertionError, naming the path, on any other difference: every value and branch
+    MINE has must be THEIRS's, identical and in the same relative order.
+    """
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        found: set[str] = set()
+        enums = mine.get("meta-type") == "enum" == theirs.get("meta-type")
+        if enums and mine["values"] != theirs["values"]:
+            _assert_subsequence(mine["values"], theirs["values"], f"{path}.values")
+            kept = [m for m in theirs["members"] if m["name"] in set(mine["values"])]
+            assert mine["members"] == kept, f"{path}.members"
+            assert mine.keys() == theirs.keys(), path
+            found.add(path)
+            return found
+        if "variants" in mine and "variants" in theirs:
+            ours = [v["case"] for v in mine["variants"]]
+            cases = [v["case"] for v in theirs["variants"]]
+            if ours != cases:
+                _assert_subsequence(ours, cases, f"{path}.variants")
+                by_case = {v["case"]: v for v in theirs["variants"]}
+                for variant in mine["variants"]:
+                    found |= subset_paths(
+                        variant, by_case[variant["case"]], f"{path}.variants[{variant['case']}]"
+                    )
+                found.add(path)
+                mine = {k: v for k, v in mine.items() if k != "variants"}
+                theirs = {k: v for k, v in theirs.items() if k != "variants"}
+        assert mine.keys() == theirs.keys(), f"{path}: {sorted(mine)} != {sorted(theirs)}"
+        for key in mine:
+            found |= subset_paths(mine[key], theirs[key], f"{path}.{key}" if path else key)
+        return found
+    if isinstance(mine, list) and isinstance(theirs, list):
+        assert len(mine) == len(theirs), f"{path}: {len(mine)} items != {len(theirs)}"
+        found = set()
+        for index, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            label = a["name"] if isinstance(a, dict) and "name" in a else index
+            found |= subset_paths(a, b, f"{path}[{label}]")
+        return found
+    assert type(mine) is type(theirs) and mine == theirs, f"{path}: {mine!r} != {theirs!r}"
+    return set()
+
+
+def _assert_subsequence(part: list[Any], whole: list[Any], path: str) -> None:
+    rest = iter(whole)
+    assert all(item in rest for item in part), f"{path}: {part} is not a subsequence of {whole}"

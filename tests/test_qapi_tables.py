@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from qmpjobd.cli import SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.conform import problem
 from qmpjobd.qapi.schema import Schema, Type
@@ -26,13 +27,22 @@ def type_of(schema: Schema, name: str) -> Type:
 
 def test_tables_of_our_schema(schema: Schema) -> None:
     tables = build_tables(schema)
-    # In QSD's order (its query-commands lists them so).
+    # In QSD's order (its query-commands lists them so, reversed): module by module, block-core
+    # before job (which block-core includes), transaction last.
     assert list(tables.commands) == [
+        "query-block-jobs", "block-commit", "drive-backup", "blockdev-backup",
+        "query-named-block-nodes", "drive-mirror", "blockdev-mirror", "block-stream",
+        "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume",
+        "block-job-complete", "block-job-dismiss", "block-job-finalize", "blockdev-add",
+        "blockdev-del", "blockdev-create",
         "job-pause", "job-resume", "job-cancel", "job-complete", "job-dismiss", "job-finalize",
         "query-jobs", "qmp_capabilities", "query-version", "query-commands", "quit",
-        "query-qmp-schema",
+        "query-qmp-schema", "transaction",
     ]
-    assert list(tables.events) == ["JOB_STATUS_CHANGE"]
+    assert list(tables.events) == [
+        "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "BLOCK_JOB_READY",
+        "BLOCK_JOB_PENDING", "JOB_STATUS_CHANGE",
+    ]
     caps = tables.commands["qmp_capabilities"]
     assert caps.allow_preconfig and not caps.allow_oob and caps.success_response
     assert caps.check_arguments({"enable": ["oob"]}) == {"enable": ["oob"]}
@@ -78,3 +88,27 @@ def test_conformance_problems_are_found(schema: Schema) -> None:
     job = {"id": "j", "type": "backup", "status": "sideways", "current-progress": 0,
            "total-progress": 1}
     assert problem([job], info, frozenset()) == "[0].status: 'sideways' is not a JobStatus"
+
+
+def test_block_drivers_and_actions_are_a_subset(schema: Schema) -> None:
+    """The deliberate subset (docs/compat.md, "Block nodes and drivers"): drivers and
+    transaction actions qmpjobd does not have fail the argument check; those it has take QEMU's
+    members, conditional ones included under the daemon's build conditions."""
+    commands = build_tables(schema, SCHEMA_DEFINES).commands
+    add = commands["blockdev-add"]
+    null = {"driver": "null-co", "node-name": "n", "size": 1, "read-zeroes": True}
+    assert add.check_arguments(null) == null
+    raw = {"driver": "raw", "node-name": "r", "offset": 512,
+           "file": {"driver": "file", "filename": "/x", "aio": "io_uring", "drop-cache": False}}
+    assert add.check_arguments(raw) == raw
+    with pytest.raises(ArgumentError, match="'driver' does not accept value 'qcow2'"):
+        add.check_arguments({"driver": "qcow2", "node-name": "q", "file": "r"})
+    create = commands["blockdev-create"]
+    options = {"driver": "file", "filename": "/x", "size": 1, "preallocation": "falloc"}
+    assert create.check_arguments({"job-id": "j", "options": options}) == {
+        "job_id": "j", "options": options}
+    transaction = commands["transaction"]
+    abort = {"actions": [{"type": "abort", "data": {}}]}
+    assert transaction.check_arguments(abort) == abort
+    with pytest.raises(ArgumentError, match="'type' does not accept value 'blockdev-snapshot'"):
+        transaction.check_arguments({"actions": [{"type": "blockdev-snapshot", "data": {}}]})

@@ -16,13 +16,14 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.protocol import Runstate
 
+from qmpjobd.cli import SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.tables import build_tables
 from tests.conftest import SCHEMA
 from tests.daemons import QMPJOBD, DaemonProcess
 from tests.test_server import daemon_env
 
-TABLES = build_tables(load_schema(str(SCHEMA)))
+TABLES = build_tables(load_schema(str(SCHEMA)), SCHEMA_DEFINES)
 OURS_VERSION = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "qmpjobd 0.1.0"}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpjobd.cli import SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.tables import build_tables
 from tests.conftest import REPO
@@ -62,7 +63,7 @@ def test_greeting_and_negotiation(ours: DaemonProcess) -> None:
 
 
 def test_control_commands(ours: DaemonProcess) -> None:
-    tables = build_tables(load_schema(str(TEST_SCHEMA)))
+    tables = build_tables(load_schema(str(TEST_SCHEMA)), SCHEMA_DEFINES)
     with ours.connect() as conn:
         assert conn.execute("query-version") == {"return": {
             "qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "qmpjobd 0.1.0"}}

@@ -1,5 +1,5 @@
 """Command handlers, one module per schema file. Importing this package registers them all."""
 
-from . import control, job
+from . import block, control, job, transaction
 
-__all__ = ["control", "job"]
+__all__ = ["block", "control", "job", "transaction"]
