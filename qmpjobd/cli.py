@@ -69,6 +69,8 @@ class Config:
     schema: str = str(DEFAULT_SCHEMA)
     handler_modules: list[str] = field(default_factory=list)
     output_limit: int | None = None
+    # --blockdev options, in either of QEMU's forms: key=value,... or JSON.
+    blockdevs: list[str] = field(default_factory=list)
 
 
 # -- QEMU's key=value option syntax -----------------------------------------------------------
@@ -203,11 +205,7 @@ def parse_command_line(argv: list[str]) -> Config:
         config.monitors.append(MonitorSpec(chardevs[chardev_id], pretty))
     for path in args.socket:
         config.monitors.append(MonitorSpec(path))
-    if args.blockdev:
-        driver = parse_keyval(args.blockdev[0], "").get("driver", "")
-        raise UsageError(
-            f"--blockdev {args.blockdev[0]}: Parameter 'driver' does not accept value '{driver}'"
-        )
+    config.blockdevs = args.blockdev
     if not config.monitors:
         config.monitors.append(MonitorSpec(default_socket_path()))
         config.default_socket = True
@@ -266,7 +264,37 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     tables = build_tables(schema, SCHEMA_DEFINES)
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
     dispatcher = Dispatcher(tables, registered_handlers(), check_replies=check)
-    return Daemon(tables), dispatcher
+    daemon = Daemon(tables)
+    for text in config.blockdevs:
+        _add_blockdev(daemon, text)
+    return daemon, dispatcher
+
+
+def _add_blockdev(daemon: Daemon, text: str) -> None:
+    """A --blockdev option: the node blockdev-add would create, or StartupError."""
+    import orjson
+
+    from .block.nodes import open_node
+    from .dispatch import StartupError
+    from .jobs.errors import JobError
+    from .qapi.keyval import KeyvalError, convert, parse
+    from .qapi.visit import ArgumentError
+
+    entry = daemon.tables.commands["blockdev-add"]
+    options_type = daemon.tables.schema.lookup_type("BlockdevOptions")
+    assert options_type is not None
+    try:
+        if text.lstrip().startswith("{"):
+            options = orjson.loads(text)
+        else:
+            options = convert(parse(text), options_type, daemon.tables.defines)
+        checked = entry.check_arguments(options)
+        daemon.graph.add(open_node(daemon.graph, checked))
+    except orjson.JSONDecodeError as exc:
+        raise StartupError(f"--blockdev {text}: {exc}") from None
+    except (KeyvalError, ArgumentError, JobError) as exc:
+        desc = exc.desc if isinstance(exc, ArgumentError | JobError) else str(exc)
+        raise StartupError(f"--blockdev {text}: {desc}") from None
 
 
 def _greeting(pretty: bool) -> bytes:

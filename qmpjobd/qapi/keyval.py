@@ -1,0 +1,150 @@
+"""Command-line option values (QEMU's key=value syntax) -> arguments of a schema type.
+
+`--blockdev driver=raw,node-name=a,file.driver=file,file.filename=a.img` is a flat list of
+dotted keys with string values. `parse` nests them into dicts; `convert` turns the strings
+into what the schema type wants (integers, sizes, booleans), guided by the type, so that the
+result can go through the same argument checks as a QMP command. Messages are QEMU's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .schema import AlternateType, ArrayType, BuiltinType, EnumType, ObjectType, Type
+
+_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+                  "p": 1 << 50, "e": 1 << 60}
+
+
+class KeyvalError(ValueError):
+    pass
+
+
+def split(text: str, implied: str | None = None) -> list[tuple[str, str]]:
+    """'a=1,b.c=x,,y' -> [('a', '1'), ('b.c', 'x,y')]; a doubled comma is a comma."""
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text.startswith(",,", i):
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    items.append("".join(current))
+    pairs = []
+    for index, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        if not eq:
+            if index == 0 and implied:
+                key, value = implied, item
+            else:
+                raise KeyvalError(f"Expected '=' after parameter '{item}'")
+        pairs.append((key, value))
+    return pairs
+
+
+def parse(text: str, implied: str | None = None) -> dict[str, Any]:
+    """Nest dotted keys: 'file.driver=file' -> {'file': {'driver': 'file'}}."""
+    root: dict[str, Any] = {}
+    for key, value in split(text, implied):
+        parts = key.split(".")
+        node = root
+        for depth, part in enumerate(parts):
+            if not part:
+                raise KeyvalError(f"Invalid parameter '{key}'")
+            if depth == len(parts) - 1:
+                if part in node:
+                    raise KeyvalError(f"Parameter '{key}' is set more than once")
+                node[part] = value
+            else:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise KeyvalError(f"Parameters '{'.'.join(parts[:depth + 1])}.*' conflict")
+                node = child
+    return root
+
+
+def convert(value: Any, typ: Type, defines: frozenset[str], path: str = "") -> Any:
+    """VALUE (strings and dicts from `parse`) as the JSON value TYP wants."""
+    if isinstance(typ, BuiltinType):
+        return _scalar(value, typ.name, path)
+    if isinstance(typ, EnumType) or not isinstance(value, (str, dict)):
+        return value
+    if isinstance(typ, AlternateType):
+        for variant in typ.variants.variants:
+            if not variant.cond.holds(defines):
+                continue
+            wants_object = isinstance(variant.type, ObjectType)
+            if wants_object == isinstance(value, dict):
+                return convert(value, variant.type, defines, path)
+        return value
+    if isinstance(typ, ArrayType):
+        if isinstance(value, dict) and all(k.isdigit() for k in value):
+            items = [value[k] for k in sorted(value, key=int)]
+            return [convert(v, typ.element, defines, f"{path}.{i}") for i, v in enumerate(items)]
+        return value
+    assert isinstance(typ, ObjectType)
+    if not isinstance(value, dict):
+        return value
+    members = {m.name: m for m in typ.members if m.cond.holds(defines)}
+    if typ.variants is not None:
+        tag = value.get(typ.variants.tag_member.name)
+        for variant in typ.variants.variants:
+            if variant.name == tag and isinstance(variant.type, ObjectType):
+                members.update(
+                    (m.name, m) for m in variant.type.members if m.cond.holds(defines)
+                )
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        member = members.get(key)
+        where = f"{path}.{key}" if path else key
+        out[key] = item if member is None else convert(item, member.type, defines, where)
+    return out
+
+
+def _scalar(value: Any, name: str, path: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    if name == "bool":
+        if value in ("on", "yes", "true", "y"):
+            return True
+        if value in ("off", "no", "false", "n"):
+            return False
+        raise KeyvalError(f"Parameter '{path}' expects 'on' or 'off'")
+    if name == "size":
+        return _size(value, path)
+    if name.startswith(("int", "uint")):
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise KeyvalError(f"Parameter '{path}' expects integer") from None
+    if name == "number":
+        try:
+            return float(value)
+        except ValueError:
+            raise KeyvalError(f"Parameter '{path}' expects a number") from None
+    return value
+
+
+def _size(text: str, path: str) -> int:
+    error = KeyvalError(f"Parameter '{path}' expects a non-negative number below 2^64")
+    digits = text.rstrip("bBkKmMgGtTpPeE")
+    suffix = text[len(digits):].lower()
+    if suffix not in _SIZE_SUFFIXES or not digits:
+        raise error
+    try:
+        number = float(digits) if "." in digits else int(digits, 0)
+    except ValueError:
+        raise error from None
+    if number < 0:
+        raise error
+    size = int(number * _SIZE_SUFFIXES[suffix])
+    if size >= 1 << 64:
+        raise error
+    return size
