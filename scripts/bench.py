@@ -9,6 +9,9 @@
                                   clients  16 clients, each one request at a time (QSD needs a
                                            monitor per client; qmpjobd takes all on one socket)
                                   startup  exec to greeting
+    scripts/bench.py scale      300 backup jobs (speed 1) on 64 MiB null-co nodes on both daemons:
+                                time to start them all, query-jobs latency, memory per job
+                                (with its two nodes); then 10,000 jobs on qmpjobd alone
     scripts/bench.py schema     compile our schema, QSD's and the emulator's: qmpjobd's compiler
                                 against QEMU 7.2's generator front end (scripts/qapi, from the
                                 fetched source), best of N runs each
@@ -197,6 +200,109 @@ def bench_protocol() -> None:
         print(f"{figure:10} {a:10.0f} {unit:5} {b:10.0f} {unit:5}  {verdict}")
 
 
+# -- many jobs -------------------------------------------------------------------------------
+
+
+class QmpClient(Client):
+    """A client for the scale benchmark: commands and their replies, events counted."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.events = 0
+
+    def send(self, messages: list[bytes]) -> None:
+        self.sock.sendall(b"".join(messages))
+
+    def replies(self, count: int) -> list[bytes]:
+        """The next COUNT replies (events are counted and skipped)."""
+        out = []
+        while len(out) < count:
+            line = self.read_line()
+            if line.startswith((b'{"timestamp"', b'{"event"')):
+                self.events += 1
+                continue
+            out.append(line)
+        return out
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def start_jobs(client: QmpClient, first: int, count: int, size: int) -> float:
+    """Create 2 nodes and a backup job for each of COUNT jobs; seconds to start them all."""
+    def node(name: str) -> bytes:
+        return (b'{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "'
+                + name.encode() + b'", "size": ' + str(size).encode() + b"}}\n")
+
+    for i in range(first, first + count, 100):
+        batch = range(i, min(i + 100, first + count))
+        client.send([node(f"s{j}") + node(f"t{j}") for j in batch])
+        for reply in client.replies(2 * len(batch)):
+            assert reply.startswith(b'{"return"'), reply
+    start = time.perf_counter()
+    for j in range(first, first + count):
+        client.send([b'{"execute": "blockdev-backup", "arguments": {"job-id": "j%d", "device": '
+                     b'"s%d", "target": "t%d", "sync": "full", "speed": 1}}\n' % (j, j, j)])
+        (reply,) = client.replies(1)
+        assert reply.startswith(b'{"return"'), reply
+    return time.perf_counter() - start
+
+
+def query_latency_ms(client: QmpClient, times: int = 10) -> float:
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        client.send([b'{"execute": "query-jobs"}\n'])
+        client.replies(1)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def bench_scale(jobs: int = 300, big: int = 10_000) -> None:
+    workdir = tempfile.mkdtemp(prefix="qmpjobd-bench-")
+    size = 64 << 20
+    results = {}
+    for name, argv_of in (("qemu-storage-daemon", qsd_argv), ("qmpjobd", qmpjobd_argv)):
+        path = os.path.join(workdir, f"{name}.sock")
+        argv = argv_of([path])
+        # QSD warns about the target's block size on every backup: keep that off the report.
+        process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.DEVNULL)
+        try:
+            while not os.path.exists(path):  # a benchmark may poll
+                time.sleep(0.01)
+            client = QmpClient(path)
+            client.send([b'{"execute": "query-jobs"}\n'])
+            client.replies(1)
+            before = rss_kib(process.pid)
+            seconds = start_jobs(client, 0, jobs, size)
+            latency = query_latency_ms(client)
+            per_job = (rss_kib(process.pid) - before) / jobs
+            results[name] = (seconds, latency, per_job)
+            print(f"{name:20} {jobs} jobs started in {seconds:6.2f} s, query-jobs "
+                  f"{latency:6.1f} ms, {per_job:5.1f} KiB per job with its nodes", flush=True)
+            if name == "qmpjobd":
+                start_jobs(client, jobs, big - jobs, size)
+                latency = query_latency_ms(client, 5)
+                other = Client(path)
+                t0 = time.perf_counter()
+                other.sock.sendall(b'{"execute": "query-version"}\n')
+                other.read_line()
+                served = (time.perf_counter() - t0) * 1e3
+                print(f"{'qmpjobd':20} {big} jobs: query-jobs {latency:6.1f} ms; another "
+                      f"client's query-version answered in {served:.1f} ms, "
+                      f"RSS {rss_kib(process.pid) / 1024:.0f} MiB", flush=True)
+        finally:
+            process.terminate()
+            process.wait()
+    (qs, ql, qm), (os_, ol, om) = results["qemu-storage-daemon"], results["qmpjobd"]
+    print(f"ratios (qmpjobd / QSD): start {os_ / qs:.2f}, query-jobs {ol / ql:.2f}, "
+          f"memory per job {om / qm:.2f}")
+
+
 # -- schema compilation ----------------------------------------------------------------------
 
 
@@ -240,11 +346,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("what", choices=["protocol", "schema"])
+    parser.add_argument("what", choices=["protocol", "scale", "schema"])
     parser.add_argument("--runs", type=int, default=10, help="for schema: runs per figure")
     args = parser.parse_args()
     if args.what == "protocol":
         bench_protocol()
+    elif args.what == "scale":
+        bench_scale()
     else:
         bench_schema(args.runs)
 
