@@ -21,7 +21,7 @@ from .ratelimit import RateLimit
 
 log = logging.getLogger("qmpjobd.jobs")
 
-Emit = Callable[[str, dict[str, Any] | None], None]
+Emit = Callable[[str, dict[str, Any] | None], object]
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "undefined": frozenset({"created"}),

@@ -8,8 +8,7 @@ nothing and keeps the job running until it is cancelled.
 
 from __future__ import annotations
 
-from typing import Any
-
+from ...jobs.job import Emit
 from ..drivers.base import Node
 from .blockjob import BlockJob
 
@@ -28,17 +27,15 @@ class BackupJob(BlockJob):
     job_type = "backup"
 
     def __init__(
-        self, job_id: str, emit: Any, source: Node, target: Node, *, sync: str, max_chunk: int,
+        self, job_id: str, emit: Emit, source: Node, target: Node, *, sync: str, max_chunk: int,
         auto_finalize: bool, auto_dismiss: bool,
     ) -> None:
-        super().__init__(job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
-        self.source = source
-        self.target = target
+        super().__init__(
+            job_id, emit, source, target, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss
+        )
         self.sync = sync
         self.chunk = chunk_size(max_chunk)
         self.progress_total = source.size
-        source.source_of = "backup"
-        target.target_of = "backup"
 
     async def run(self) -> None:
         if self.sync == "none":
@@ -56,13 +53,3 @@ class BackupJob(BlockJob):
             self.charge(length)
             if offset < size:
                 await self.ratelimit_sleep()
-
-    def _release(self) -> None:
-        self.source.source_of = None
-        self.target.target_of = None
-
-    def commit(self) -> None:
-        self._release()
-
-    def abort(self) -> None:
-        self._release()

@@ -4,10 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...jobs.job import Job
+from ...jobs.job import Emit, Job
+from ..drivers.base import Node
 
 
 class BlockJob(Job):
+    """A job that reads a source node and writes a target node, holding both while it runs."""
+
+    def __init__(
+        self, job_id: str, emit: Emit, source: Node, target: Node, *, auto_finalize: bool,
+        auto_dismiss: bool,
+    ) -> None:
+        super().__init__(job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.source = source
+        self.target = target
+        source.source_of = target.target_of = self.job_type
+
+    def _release(self) -> None:
+        self.source.source_of = None
+        self.target.target_of = None
+
+    def commit(self) -> None:
+        self._release()
+
+    def abort(self) -> None:
+        self._release()
+
     def _event_data(self) -> dict[str, Any]:
         return {
             "device": self.id,

@@ -8,9 +8,8 @@ writing to the source here, so a ready mirror has nothing more to copy.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ...jobs.errors import JobError
+from ...jobs.job import Emit
 from ..drivers.base import Node
 from .blockjob import BlockJob
 
@@ -21,18 +20,16 @@ class MirrorJob(BlockJob):
     job_type = "mirror"
 
     def __init__(
-        self, job_id: str, emit: Any, source: Node, target: Node, *, sync: str,
+        self, job_id: str, emit: Emit, source: Node, target: Node, *, sync: str,
         granularity: int, buf_size: int, auto_finalize: bool, auto_dismiss: bool,
     ) -> None:
-        super().__init__(job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
-        self.source = source
-        self.target = target
+        super().__init__(
+            job_id, emit, source, target, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss
+        )
         self.sync = sync
         self.granularity = granularity or 65536
         self.buf_size = buf_size or DEFAULT_BUF_SIZE
         self.should_complete = False
-        source.source_of = "mirror"
-        target.target_of = "mirror"
 
     async def run(self) -> None:
         if self.source.size != self.target.size:
@@ -77,13 +74,3 @@ class MirrorJob(BlockJob):
     def reports_paused(self) -> bool:
         # QSD shows a mirror that has finished its work as paused.
         return self.pause_count > 0 or self.status == "pending"
-
-    def _release(self) -> None:
-        self.source.source_of = None
-        self.target.target_of = None
-
-    def commit(self) -> None:
-        self._release()
-
-    def abort(self) -> None:
-        self._release()
