@@ -15,6 +15,7 @@ channel hop). Once a client enables oob, in-band commands go to a queue of at mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ import trio
 from .dispatch import Context, Daemon, Dispatcher
 from .events import Event
 from .fdio import FdChannel, ReadinessHub
+from .jobs.errors import JobError
 from .listen import unlink_socket
 from .qmp.errors import QmpError
 from .qmp.framing import JsonSplitter
@@ -40,6 +42,8 @@ RECEIVE_SIZE = 65536
 # How many reads a connection may serve back to back before it lets other tasks run.
 FAIR_READS = 8
 DEFAULT_OUTPUT_LIMIT = 8 * 1024 * 1024
+# How long jobs get to end when the daemon shuts down.
+SHUTDOWN_GRACE = 5
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,7 @@ class Server:
                 nursery.start_soon(self._watch_signals)
                 options.on_ready()
                 await self._quit.wait()
+                await self._stop_jobs()
                 await self._flush_all()
                 nursery.cancel_scope.cancel()
         finally:
@@ -271,6 +276,18 @@ class Server:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 self._quit.set()
                 return
+
+    async def _stop_jobs(self) -> None:
+        """Cancel every job still alive, as QEMU does at exit, so that clients see them end
+        (their events go out before the connections close)."""
+        jobs = [job for job in self.daemon.jobs.jobs() if not job.finished]
+        for job in jobs:
+            with contextlib.suppress(JobError):
+                job.cancel(force=True)
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            for job in jobs:
+                while not job.finished and job.status != "concluded":
+                    await job.changed()
 
     async def _flush_all(self) -> None:
         # Give replies already produced (quit's own) a moment to reach their clients.

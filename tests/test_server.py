@@ -345,3 +345,25 @@ def test_blockdev_options_make_nodes(tmp_path: Path) -> None:
             events.append(conn.receive())
         assert [e["data"]["status"] for e in events if e["event"] == "JOB_STATUS_CHANGE"] == [
             "created", "running", "waiting", "pending", "concluded", "null"]
+
+
+def test_sigterm_cancels_running_jobs_and_clients_see_them_end(tmp_path: Path) -> None:
+    args = ["--blockdev", "driver=null-co,node-name=src,size=4194304",
+            "--blockdev", "driver=null-co,node-name=dst,size=4194304"]
+    with DaemonProcess.start(tmp_path, *args, program=QMPJOBD, env=daemon_env()) as daemon:
+        conn = raw(daemon)
+        conn.execute("qmp_capabilities")
+        assert conn.execute("blockdev-backup", {"job-id": "j", "device": "src", "target": "dst",
+                                                "sync": "full", "speed": 1}) == {"return": {}}
+        os.kill(daemon.pid, signal.SIGTERM)
+        events = list(conn.events)
+        with pytest.raises(ConnectionError):
+            while True:
+                events.append(conn.receive())
+        statuses = [e["data"]["status"] for e in events if e["event"] == "JOB_STATUS_CHANGE"]
+        assert statuses == ["created", "running", "aborting", "concluded", "null"]
+        assert [e["event"] for e in events if e["event"].startswith("BLOCK_JOB")] == [
+            "BLOCK_JOB_CANCELLED"]
+        daemon.wait()
+        assert not daemon.socket_path.exists()
+        conn.close()
