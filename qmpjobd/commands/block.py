@@ -44,10 +44,12 @@ def _check_job_id(ctx: Context, job_id: str | None) -> str:
     return job_id
 
 
-def _launch(ctx: Context, job: Job, speed: int) -> None:
-    """Register JOB (`created`), apply its speed, and start it (`running`)."""
+async def _launch(ctx: Context, job: Job, speed: int) -> None:
+    """Register JOB (`created`), apply its speed, start it (`running`) and let it take its
+    first step, as QEMU's job does before the command replies."""
     create_job(ctx, job, speed)
     job.start(ctx.job_nursery)
+    await job.run_until_blocked()
 
 
 def create_job(ctx: Context, job: Job, speed: int) -> None:
@@ -73,8 +75,8 @@ def prepare_backup(ctx: Context, args: dict[str, Any]) -> BackupJob:
     target = ctx.graph.lookup(args["target"])
     if source is target:
         raise BlockError("Source and target cannot be the same")
-    source.check_not_busy()
-    target.check_not_busy()
+    source.check_backup_source()
+    target.check_target()
     perf = args.get("x-perf", {})
     workers = perf.get("max-workers", 64)
     if workers < 1 or workers > 2147483647:
@@ -101,7 +103,7 @@ def prepare_backup(ctx: Context, args: dict[str, Any]) -> BackupJob:
 @handler("blockdev-backup")
 async def blockdev_backup(ctx: Context, args: dict[str, Any]) -> None:
     job = prepare_backup(ctx, args)
-    _launch(ctx, job, args.get("speed", 0))
+    await _launch(ctx, job, args.get("speed", 0))
 
 
 @handler("blockdev-mirror")
@@ -116,9 +118,8 @@ async def blockdev_mirror(
     target_node = ctx.graph.lookup(target)
     if source is target_node:
         raise BlockError("Can't mirror node into itself")
-    if source.source_of is not None:
-        raise BlockError("Need a root block node")
-    target_node.check_not_busy()
+    source.check_mirror_source()
+    target_node.check_target()
     if granularity and not 512 <= granularity <= 64 << 20:
         raise BlockError("Parameter 'granularity' expects a value in range [512B, 64MB]")
     if granularity & (granularity - 1):
@@ -132,7 +133,7 @@ async def blockdev_mirror(
         granularity=granularity, buf_size=buf_size, auto_finalize=auto_finalize,
         auto_dismiss=auto_dismiss,
     )
-    _launch(ctx, job, speed)
+    await _launch(ctx, job, speed)
 
 
 # -- the block-job-* verbs -----------------------------------------------------------------
@@ -146,7 +147,9 @@ def _block_job(ctx: Context, device: str) -> BlockJob:
 
 @handler("block-job-set-speed")
 async def block_job_set_speed(ctx: Context, *, device: str, speed: int) -> None:
-    _block_job(ctx, device).set_speed(speed)
+    job = _block_job(ctx, device)
+    if job.set_speed(speed):
+        await job.run_until_blocked()  # a faster pace: the job's next step comes first
 
 
 @handler("block-job-cancel")

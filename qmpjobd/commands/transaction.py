@@ -45,3 +45,5 @@ async def transaction(
         raise
     for job in prepared:
         job.start(ctx.job_nursery)
+    for job in prepared:
+        await job.run_until_blocked()

@@ -85,6 +85,10 @@ class Job:
         self.limit = RateLimit()
         self._wake = trio.Event()
         self._changed = trio.Event()
+        # Whether the job's task is running or runnable (not waiting for real), and the event
+        # that tells of its next real wait.
+        self._running = False
+        self._stopped = trio.Event()
 
     # -- status --------------------------------------------------------------------------
 
@@ -137,9 +141,26 @@ class Job:
 
     def wake(self) -> None:
         self._wake.set()
+        self._running = not self.work_done  # it runs as soon as the scheduler lets it
+
+    def _blocked(self) -> None:
+        """The job waits for real (a delay, a pause, a verb, I/O): whoever waits for it to
+        get that far may go on."""
+        self._running = False
+        self._stopped.set()
+        self._stopped = trio.Event()
+
+    async def run_until_blocked(self) -> None:
+        """Let the job run until it next waits for real, or ends: what QEMU's job coroutine
+        does before the command that started or woke it replies. (A job started or woken
+        by a command does its next step before the reply, so its progress and events are
+        QSD's for a client that asks at once.)"""
+        while self._running and not self.work_done:
+            await self._stopped.wait()
 
     async def _wait_for_wake(self, timeout_ns: int | None = None) -> None:
         self.busy = False
+        self._blocked()
         try:
             if timeout_ns is None:
                 await self._wake.wait()
@@ -148,6 +169,7 @@ class Job:
                     await self._wake.wait()
         finally:
             self._wake = trio.Event()
+            self._running = True
             self.busy = True
 
     async def pause_point(self) -> None:
@@ -209,7 +231,8 @@ class Job:
         self.user_paused = False
         self.resume()
 
-    def set_speed(self, speed: int) -> None:
+    def set_speed(self, speed: int) -> bool:
+        """Change the speed; whether the job was woken (a faster pace starts at once)."""
         self.check_verb("set-speed")
         if speed < 0:
             raise JobError("Parameter 'speed' expects a non-negative value")
@@ -217,8 +240,9 @@ class Job:
         self.speed = speed
         self.limit.set_speed(speed)
         if speed and speed <= old:
-            return
-        self.wake()  # a faster pace starts now
+            return False
+        self.wake()
+        return not self.work_done and self.pause_count == 0
 
     def cancel(self, force: bool) -> None:
         self.check_verb("cancel")
@@ -297,6 +321,7 @@ class Job:
         """Created -> running (events now, before the creating command replies); work starts."""
         self.transition("running")
         self.busy = True
+        self._running = True
         nursery.start_soon(self._main)
 
     async def _main(self) -> None:
@@ -317,4 +342,5 @@ class Job:
             error = "internal error; the daemon's log has the details"
         self.work_done = True
         self.busy = False
+        self._blocked()
         self.txn.job_done(self, error)

@@ -12,26 +12,41 @@ class Node:
         self.name = name
         self.size = size
         self.read_only = read_only
-        # The job kind holding this node as a target ('backup', 'mirror'), and whether some
-        # job reads it as its source.
+        # The kind of the job writing this node ('backup', 'mirror'), and of those reading it.
         self.target_of: str | None = None
-        self.source_of: str | None = None
+        self.source_of: list[str] = []
 
-    def check_not_busy(self) -> None:
-        """Refuse a new job on a node a job already holds."""
-        job = self.target_of or self.source_of
-        if job is not None:
-            raise BlockError(
-                f"Node '{self.name}' is busy: block device is in use by block job: {job}"
-            )
+    def _busy(self, job: str) -> BlockError:
+        return BlockError(f"Node '{self.name}' is busy: block device is in use by block job: {job}")
+
+    def check_backup_source(self) -> None:
+        """Several backups may read a node; nothing may while a job writes it or mirrors it."""
+        if self.target_of is not None:
+            raise self._busy(self.target_of)
+        if "mirror" in self.source_of:
+            raise self._busy("mirror")
+
+    def check_mirror_source(self) -> None:
+        # A node a job holds has a job's filter above it: it is no longer a root.
+        if self.target_of is not None or self.source_of:
+            raise BlockError("Need a root block node")
+
+    def check_target(self) -> None:
+        """A job's target: no other job may hold it."""
+        if self.target_of is not None:
+            raise self._busy(self.target_of)
+        if self.source_of:
+            raise self._busy(self.source_of[0])
 
     def check_removable(self) -> None:
+        # QSD words this differently for each role the node plays in a job.
+        if self.target_of == "backup":
+            raise self._busy("backup")
         if self.target_of is not None:
-            raise BlockError(
-                f"Node '{self.name}' is busy: block device is in use by block job: "
-                f"{self.target_of}"
-            )
-        if self.source_of is not None:
+            raise BlockError(f"Node {self.name} is in use")
+        if "mirror" in self.source_of:
+            raise self._busy("mirror")
+        if self.source_of:
             raise BlockError(f"Block device {self.name} is in use")
 
     async def read(self, offset: int, length: int) -> bytes | None:

@@ -18,11 +18,15 @@ class BlockJob(Job):
         super().__init__(job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.source = source
         self.target = target
-        source.source_of = target.target_of = self.job_type
+        source.source_of.append(self.job_type)
+        target.target_of = self.job_type
+        self._holding = True
 
     def _release(self) -> None:
-        self.source.source_of = None
-        self.target.target_of = None
+        if self._holding:
+            self._holding = False
+            self.source.source_of.remove(self.job_type)
+            self.target.target_of = None
 
     def commit(self) -> None:
         self._release()

@@ -8,12 +8,18 @@ writing to the source here, so a ready mirror has nothing more to copy.
 
 from __future__ import annotations
 
+import os
+
 from ...jobs.errors import JobError
 from ...jobs.job import Emit
 from ..drivers.base import Node
 from .blockjob import BlockJob
 
 DEFAULT_BUF_SIZE = 1 << 24
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class MirrorJob(BlockJob):
@@ -34,6 +40,9 @@ class MirrorJob(BlockJob):
     async def run(self) -> None:
         if self.source.size != self.target.size:
             raise JobError("Source and target image have different sizes")
+        if self.buf_size > _physical_memory():
+            # QEMU allocates the buffer when the job starts, and fails there.
+            raise JobError("Cannot allocate memory")
         if self.sync != "none":
             self.progress_total = self.source.size
             await self._copy()
