@@ -40,14 +40,23 @@ class QmpConnection:
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.timeout = timeout
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
         self.stream = self.sock.makefile("rwb")
         self.greeting = self.receive()
         self.events: list[dict[str, Any]] = []
 
-    def receive(self) -> dict[str, Any]:
-        line = self.stream.readline()
+    def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next message; with TIMEOUT, TimeoutError if none arrives within TIMEOUT seconds
+        (the connection is then unusable: only for giving up)."""
+        if timeout is not None:
+            self.sock.settimeout(max(timeout, 0.001))
+        try:
+            line = self.stream.readline()
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.timeout)
         if not line:
             raise ConnectionError("the daemon closed the connection")
         message: dict[str, Any] = json.loads(line)
