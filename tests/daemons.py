@@ -19,20 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# The build conditions of Debian bookworm's QSD 7.2: every name the storage daemon's schema tests
-# except CONFIG_BLKIO (bookworm does not package libblkio). With exactly this set, our
-# introspection of QSD's schema equals QSD's own reply (test_qapi_real_schemas.py), and each
-# conditional member and enum value is present in QSD's reply iff its condition holds
+from qmpjobd.cli import SCHEMA_DEFINES
+
+# The build conditions of Debian bookworm's QSD 7.2 are the ones qmpjobd evaluates its schema
+# under (SCHEMA_DEFINES: every name the storage daemon's schema tests except CONFIG_BLKIO, as
+# bookworm does not package libblkio). The tests hold them to the live QSD: with exactly this
+# set our introspection of QSD's schema equals QSD's own reply (test_qapi_real_schemas.py), and
+# each conditional member and enum value is present in QSD's reply iff its condition holds
 # (test_qapi_visit.py::test_defines_match_qsd).
-QSD_DEFINES = frozenset(
-    {
-        "CONFIG_DBUS_DISPLAY", "CONFIG_FUSE", "CONFIG_LIBPMEM", "CONFIG_LINUX",
-        "CONFIG_LINUX_IO_URING", "CONFIG_POSIX", "CONFIG_REPLICATION", "CONFIG_SECRET_KEYRING",
-        "CONFIG_SPICE", "CONFIG_SPICE_PROTOCOL", "CONFIG_VDUSE_BLK_EXPORT", "CONFIG_VHOST_CRYPTO",
-        "CONFIG_VHOST_USER_BLK_SERVER", "CONFIG_ZSTD", "HAVE_HOST_BLOCK_DEVICE",
-        "HAVE_IPPROTO_MPTCP",
-    }
-)
+QSD_DEFINES = SCHEMA_DEFINES
 
 
 class QmpConnection:

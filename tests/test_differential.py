@@ -36,7 +36,7 @@ from qmpjobd.cli import SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.tables import build_tables
 from tests.conftest import SCHEMA, missing
-from tests.daemons import QMPJOBD, QSD, QSD_DEFINES, DaemonProcess, QmpConnection
+from tests.daemons import QMPJOBD, QSD, DaemonProcess, QmpConnection
 from tests.schema_shape import SUBSETTED, shape, subset_paths
 from tests.test_server import daemon_env
 
@@ -723,12 +723,6 @@ def test_subsetted_entry_has_qsds_branches(
     and union branches are left out only where SUBSETTED says."""
     assert name in TABLES.commands
     assert subset_paths(shape(our_schema, name), shape(qsd_schema, name)) == SUBSETTED[name]
-
-
-def test_daemon_evaluates_conditions_as_qsds_build() -> None:
-    """The daemon's build conditions are QSD's (QSD_DEFINES is checked against the live QSD in
-    test_qapi_visit.py::test_defines_match_qsd)."""
-    assert SCHEMA_DEFINES == QSD_DEFINES
 
 
 def test_schema_entries_are_ours(our_schema: list[dict[str, Any]]) -> None:
