@@ -273,6 +273,7 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
 def _add_blockdev(daemon: Daemon, text: str) -> None:
     """A --blockdev option: the node blockdev-add would create, or StartupError."""
     import orjson
+    import trio
 
     from .block.nodes import open_node
     from .dispatch import StartupError
@@ -289,7 +290,8 @@ def _add_blockdev(daemon: Daemon, text: str) -> None:
         else:
             options = convert(parse(text), options_type, daemon.tables.defines)
         checked = entry.check_arguments(options)
-        daemon.graph.add(open_node(daemon.graph, checked))
+        # Start-up comes before the event loop: a short trio run opens the node.
+        daemon.graph.add(trio.run(open_node, daemon.graph, checked))
     except orjson.JSONDecodeError as exc:
         raise StartupError(f"--blockdev {text}: {exc}") from None
     except (KeyvalError, ArgumentError, JobError) as exc:

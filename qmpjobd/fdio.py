@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import stat
 
 import outcome
 import trio
@@ -136,6 +137,13 @@ class FdChannel:
         for fd in {read_fd, write_fd}:
             os.set_blocking(fd, False)
         self._hub = hub if hub is not None and hub.register(read_fd) else None
+        # On a socket or a pipe a short read took all there was; a terminal gives a line at a
+        # time, so there only a read that would block says so.
+        self.short_read_drains = stat.S_ISSOCK(os.fstat(read_fd).st_mode) or stat.S_ISFIFO(
+            os.fstat(read_fd).st_mode
+        )
+        # Regular files are always readable, and epoll refuses them.
+        self._pollable = not stat.S_ISREG(os.fstat(read_fd).st_mode)
 
     def read_now(self, size: int) -> bytes | None:
         """What the kernel holds (b'' at end of input or if the peer is gone), or None if
@@ -156,8 +164,10 @@ class FdChannel:
         or took less than it asked for."""
         if self._hub is not None:
             await self._hub.wait_readable(self.read_fd)
-        else:
+        elif self._pollable:
             await trio.lowlevel.wait_readable(self.read_fd)
+        else:
+            await trio.lowlevel.checkpoint()
 
     def write_now(self, data: bytes | bytearray | memoryview) -> int:
         """Bytes written (0 if writing would block); raises ConnectionError if the peer is gone."""

@@ -94,6 +94,7 @@ class Connection:
         self._subscribed = False
         self._scope = trio.CancelScope()
         self._inband_send: trio.MemorySendChannel[object] | None = None
+        self._inband_done = trio.Event()
 
     # -- output ----------------------------------------------------------------------------
 
@@ -158,7 +159,10 @@ class Connection:
                 if not self.greeted:
                     self.send(self.session.greeting())
                 await self._read(nursery)
-                # End of input: let the replies already produced go out, then close.
+                # End of input: answer what is queued, let the replies go out, then close.
+                if self._inband_send is not None:
+                    await self._inband_send.aclose()
+                    await self._inband_done.wait()
                 await self.drain()
                 nursery.cancel_scope.cancel()
 
@@ -176,7 +180,7 @@ class Connection:
             if not data:
                 return
             # A short read took everything there was: wait before reading again.
-            drained = len(data) < RECEIVE_SIZE
+            drained = len(data) < RECEIVE_SIZE and self.channel.short_read_drains
             unyielding += 1
             if unyielding > FAIR_READS:
                 # A client that keeps input coming must not starve the others.
@@ -198,6 +202,7 @@ class Connection:
         async def serve_queue() -> None:
             async for item in receive:
                 await self._handle(item)
+            self._inband_done.set()
 
         nursery.start_soon(serve_queue)
 

@@ -212,3 +212,22 @@ async def test_grouped_jobs_wait_for_each_other_and_abort_together() -> None:
     assert first.error == second.error == "Operation canceled"
     statuses = [e for e in rec.take() if e[0] == "status"]
     assert statuses.count(("status", "aborting")) == 2
+
+
+async def test_a_pause_undone_before_the_job_parks_does_not_hang_the_pauser() -> None:
+    """Client A pauses while the job is in the middle of I/O; client B resumes before the job
+    reached its pause point. A's reply must still come, though no status ever changes."""
+    rec = Recorder()
+    slow = BackupJob("j", rec, NullNode("src", 4 * MiB, latency_ns=200_000_000),
+                     NullNode("dst", 4 * MiB), sync="full", max_chunk=0, auto_finalize=True,
+                     auto_dismiss=True)
+    async with trio.open_nursery() as nursery:
+        start(slow, nursery)
+        await trio.testing.wait_all_tasks_blocked()  # the job is inside its first read
+        slow.user_pause()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(slow.settle)  # A waits for the pause to take effect
+                await trio.testing.wait_all_tasks_blocked()
+                slow.user_resume()  # B, before the job got out of its read
+        slow.cancel(force=True)

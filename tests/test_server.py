@@ -367,3 +367,31 @@ def test_sigterm_cancels_running_jobs_and_clients_see_them_end(tmp_path: Path) -
         daemon.wait()
         assert not daemon.socket_path.exists()
         conn.close()
+
+
+def test_stdio_monitor_reading_a_file(tmp_path: Path) -> None:
+    """stdin may be a regular file (`qmpjobd ... < commands`): read it all, answer it all."""
+    commands = tmp_path / "commands.json"
+    commands.write_bytes(b'{"execute": "qmp_capabilities"}\n{"execute": "query-jobs", "id": 1}\n'
+                         b'{"execute": "quit"}\n')
+    with commands.open("rb") as stdin:
+        result = subprocess.run(
+            [*QMPJOBD, "--chardev", "stdio,id=m0", "--monitor", "chardev=m0"],
+            stdin=stdin, capture_output=True, env=daemon_env(), timeout=30,
+        )
+    assert result.returncode == 0
+    replies = [json.loads(line) for line in result.stdout.splitlines()[1:]]
+    assert replies == [{"return": {}}, {"return": [], "id": 1}, {"return": {}}]
+
+
+def test_oob_queue_is_answered_at_end_of_input(ours: DaemonProcess) -> None:
+    """A client that enables oob, sends requests and half-closes gets every reply."""
+    conn = raw(ours)
+    assert conn.execute("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
+    for i in range(5):
+        conn.send({"execute": "query-jobs", "id": i})
+    conn.sock.shutdown(socket.SHUT_WR)
+    assert [conn.receive() for _ in range(5)] == [{"return": [], "id": i} for i in range(5)]
+    with pytest.raises(ConnectionError):
+        conn.receive()
+    conn.close()

@@ -33,7 +33,15 @@ class BlockGraph:
             raise BlockError(f"Duplicate nodes with node-name='{name}'")
 
     def add(self, node: Node) -> None:
+        """Register NODE and, if it has one, its inline child; a child gains NODE as parent."""
         self.check_new_name(node.name)
+        child = node.child
+        if child is not None:
+            if not child.monitor_owned:
+                if not child.name.startswith("#"):  # generated names are valid by making
+                    self.check_new_name(child.name)
+                self._nodes[child.name] = child
+            child.parents.append(node)
         self._nodes[node.name] = node
 
     def lookup(self, name: str) -> Node:
@@ -53,6 +61,11 @@ class BlockGraph:
         node = self.find(name)
         node.check_removable()
         del self._nodes[name]
+        child = node.child
+        if child is not None:
+            child.parents.remove(node)
+            if not child.monitor_owned:
+                del self._nodes[child.name]
         return node
 
     def nodes(self) -> list[Node]:

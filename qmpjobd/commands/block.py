@@ -2,13 +2,15 @@
 
 Arguments arrive as the schema declares them (qapi/visit.py): enums as str, structs as dicts,
 boxed commands (blockdev-add, blockdev-backup) as one dict keyed by the schema's member names.
-The commands of the next milestone (files: drive-*, block-stream, block-commit, blockdev-create,
-query-named-block-nodes) answer "not implemented yet" until it lands (docs/compat.md).
+The file and raw drivers are in; drive-*, block-stream, block-commit, blockdev-create and
+query-named-block-nodes answer "not implemented yet" until they land (docs/compat.md).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import trio
 
 from ..block.graph import BlockError
 from ..block.jobs.backup import CLUSTER, BackupJob
@@ -25,13 +27,27 @@ from ..qmp.errors import QmpError
 
 @handler("blockdev-add")
 async def blockdev_add(ctx: Context, options: dict[str, Any]) -> None:
-    ctx.graph.add(open_node(ctx.graph, options))
+    node = await open_node(ctx.graph, options)
+    try:
+        ctx.graph.add(node)  # the name may have been taken while the node opened
+    except BlockError:
+        with trio.CancelScope(shield=True):
+            await node.close()
+        raise
 
 
 @handler("blockdev-del")
 async def blockdev_del(ctx: Context, *, node_name: str) -> None:
     node = ctx.graph.remove(node_name)
-    await node.flush()
+    # QEMU flushes a node before it lets go of it; an inline child goes with its parent. The
+    # node has left the graph: close it whatever happens (a failed flush, a cancelled call).
+    try:
+        await node.flush()
+    finally:
+        with trio.CancelScope(shield=True):
+            await node.close()
+            if node.child is not None and not node.child.monitor_owned:
+                await node.child.close()
 
 
 # -- starting jobs ---------------------------------------------------------------------------
@@ -94,10 +110,15 @@ def prepare_backup(ctx: Context, args: dict[str, Any]) -> BackupJob:
             f"Required max-chunk ({max_chunk}) is less than backup cluster size ({CLUSTER})"
         )
     job_id = _check_job_id(ctx, args.get("job-id"))
-    return BackupJob(
-        job_id, ctx.events.emit, source, target, sync=sync, max_chunk=max_chunk,
-        auto_finalize=args.get("auto-finalize", True), auto_dismiss=args.get("auto-dismiss", True),
-    )
+    try:
+        return BackupJob(
+            job_id, ctx.events.emit, source, target, sync=sync, max_chunk=max_chunk,
+            auto_finalize=args.get("auto-finalize", True),
+            auto_dismiss=args.get("auto-dismiss", True),
+        )
+    except BlockError as e:
+        # QEMU meets the target's image lock while inserting its copy-before-write node.
+        raise BlockError(f"Could not create node: {e}") from None
 
 
 @handler("blockdev-backup")

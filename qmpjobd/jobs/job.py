@@ -150,6 +150,14 @@ class Job:
         self._stopped.set()
         self._stopped = trio.Event()
 
+    def io_begin(self) -> None:
+        """The job waits for I/O (in a worker thread): for the commands waiting on it, that
+        is a real wait, as QEMU's coroutine yields there."""
+        self._blocked()
+
+    def io_end(self) -> None:
+        self._running = True
+
     async def run_until_blocked(self) -> None:
         """Let the job run until it next waits for real, or ends: what QEMU's job coroutine
         does before the command that started or woke it replies. (A job started or woken
@@ -209,12 +217,20 @@ class Job:
     def pause(self) -> None:
         self.pause_count += 1
         self.wake()
+        self._poke()
 
     def resume(self) -> None:
         assert self.pause_count > 0
         self.pause_count -= 1
         if self.pause_count == 0:
             self.wake()
+        self._poke()
+
+    def _poke(self) -> None:
+        """Wake whoever settles on this job: what it waits for may have been asked away (a
+        pause undone by a resume before the job got to its pause point)."""
+        self._changed.set()
+        self._changed = trio.Event()
 
     def user_pause(self) -> None:
         self.check_verb("pause")
@@ -255,6 +271,7 @@ class Job:
             self.wake()
 
     def request_cancel(self, force: bool) -> None:
+        self._poke()
         if self.user_paused:
             self.user_paused = False
             self.resume()
@@ -343,4 +360,8 @@ class Job:
         self.work_done = True
         self.busy = False
         self._blocked()
-        self.txn.job_done(self, error)
+        try:
+            self.txn.job_done(self, error)
+        except Exception:
+            # A bug in finishing a job must not take the daemon (and every other job) down.
+            log.exception("job %s could not be finished", self.id)

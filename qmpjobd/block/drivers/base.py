@@ -15,6 +15,11 @@ class Node:
         # The kind of the job writing this node ('backup', 'mirror'), and of those reading it.
         self.target_of: str | None = None
         self.source_of: list[str] = []
+        # Nodes whose child this is (a raw node over it), and whether the monitor owns it (a
+        # root given to blockdev-add) or a parent does (an inline child, deleted with it).
+        self.parents: list[Node] = []
+        self.monitor_owned = True
+        self.child: Node | None = None
 
     def _busy(self, job: str) -> BlockError:
         return BlockError(f"Node '{self.name}' is busy: block device is in use by block job: {job}")
@@ -39,6 +44,8 @@ class Node:
             raise self._busy(self.source_of[0])
 
     def check_removable(self) -> None:
+        if not self.monitor_owned:
+            raise BlockError(f"Node {self.name} is not owned by the monitor")
         # QSD words this differently for each role the node plays in a job.
         if self.target_of == "backup":
             raise self._busy("backup")
@@ -46,7 +53,7 @@ class Node:
             raise BlockError(f"Node {self.name} is in use")
         if "mirror" in self.source_of:
             raise self._busy("mirror")
-        if self.source_of:
+        if self.source_of or self.parents:
             raise BlockError(f"Block device {self.name} is in use")
 
     async def read(self, offset: int, length: int) -> bytes | None:
@@ -59,3 +66,12 @@ class Node:
 
     async def flush(self) -> None:
         """Make written data durable."""
+
+    def take_write(self) -> None:
+        """A job starts writing this node (file nodes take their image's write lock)."""
+
+    def drop_write(self) -> None:
+        """The job writing this node has ended."""
+
+    async def close(self) -> None:
+        """Release what the node holds (descriptors); after flush, on blockdev-del."""

@@ -47,8 +47,10 @@ class BackupJob(BlockJob):
         while offset < size:
             await self.pause_point()
             length = min(self.chunk, size - offset)
+            self.io_begin()
             data = await self.source.read(offset, length)
             await self.target.write(offset, data, length)
+            self.io_end()
             offset += length
             self.charge(length)
             if offset < size:

@@ -16,6 +16,7 @@ class BlockJob(Job):
         auto_dismiss: bool,
     ) -> None:
         super().__init__(job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        target.take_write()
         self.source = source
         self.target = target
         source.source_of.append(self.job_type)
@@ -27,6 +28,7 @@ class BlockJob(Job):
             self._holding = False
             self.source.source_of.remove(self.job_type)
             self.target.target_of = None
+            self.target.drop_write()
 
     def commit(self) -> None:
         self._release()

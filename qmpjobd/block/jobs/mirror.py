@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import trio
+
 from ...jobs.errors import JobError
 from ...jobs.job import Emit
 from ..drivers.base import Node
@@ -46,7 +48,9 @@ class MirrorJob(BlockJob):
         if self.sync != "none":
             self.progress_total = self.source.size
             await self._copy()
-            # The bytes copied are charged at once; the job keeps its pace before READY.
+            # The bytes copied are charged at once; the job keeps its pace before READY. (A
+            # wake-up asked for while copying is spent: only one during the wait counts.)
+            self._wake = trio.Event()
             await self.sleep_ns(self.limit.delay_ns(0))
         await self.pause_point()
         self.transition("ready")
@@ -59,8 +63,11 @@ class MirrorJob(BlockJob):
         chunk = max(self.granularity, min(self.buf_size, 1 << 20))
         while offset < size:
             length = min(chunk, size - offset)
+            await self.pause_point()
+            self.io_begin()
             data = await self.source.read(offset, length)
             await self.target.write(offset, data, length)
+            self.io_end()
             offset += length
             self.progress_current += length
             self.limit.delay_ns(length)

@@ -1,0 +1,209 @@
+"""file: a node over a regular file (or block device) of the host.
+
+Every system call that may wait on a disk runs in a worker thread, never on the event loop.
+Holes are kept: a read of a range the file has no data in returns None, and a write of zeroes
+punches a hole (or does nothing where there is one already), so a copy of a sparse image stays
+sparse. QSD fills them; the bytes are the same (docs/compat.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+import trio
+
+from ..graph import BlockError
+from .base import Node
+
+SECTOR = 512
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+# F_OFD_* are in Linux's fcntl.h; Python's fcntl module has them only on some builds.
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+# QEMU's lock bytes: 100 + permission bit for each permission a node holds, 200 + bit for each
+# permission it refuses to share. WRITE is permission bit 1.
+_LOCK_PERM_BASE = 100
+_LOCK_SHARED_BASE = 200
+_PERM_WRITE_BIT = 1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range, keeping the file's size; False where the file system cannot."""
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    return bool(_libc.fallocate(fd, mode, offset, length) == 0)
+
+
+def _ofd_lock(fd: int, kind: int, start: int, cmd: int = _F_OFD_SETLK) -> bytes:
+    # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+    # (l_pid must be 0 for OFD locks).
+    arg = struct.pack("hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
+    return fcntl.fcntl(fd, cmd, arg)
+
+
+_SEGMENT = 65536
+_ZEROES = bytes(_SEGMENT)
+
+
+def _is_zero(segment: memoryview) -> bool:
+    return segment == _ZEROES[: len(segment)]
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) holds no data (SEEK_DATA finds none before its end)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as e:
+        # ENXIO: no data at or after OFFSET; anything else (no SEEK_DATA here): assume data.
+        return e.errno == errno.ENXIO
+
+
+class FileNode(Node):
+    driver = "file"
+
+    def __init__(
+        self, name: str, fd: int, filename: str, *, read_only: bool, no_flush: bool,
+        discard: bool, locking: bool,
+    ) -> None:
+        st = os.fstat(fd)
+        self.file_size = st.st_size
+        # The block layer counts whole sectors: a 1000-byte file is a 1024-byte node.
+        super().__init__(name, -(-st.st_size // SECTOR) * SECTOR, read_only)
+        self.fd = fd
+        self.filename = filename
+        self.no_flush = no_flush
+        self.discard = discard
+        self.locking = locking
+        self.regular = stat.S_ISREG(st.st_mode)
+        self._writer_locked = False
+
+    # -- locks (QEMU's byte-range protocol, so QEMU and qmpjobd see each other's writers) --
+
+    def take_write(self) -> None:
+        """Take the write permission and refuse it to others; fails if another process (QEMU
+        or qmpjobd) already writes this image."""
+        if not self.locking or self._writer_locked:
+            return
+        # Hold "I write" and "I refuse others writing" (shared read locks), then check that no
+        # other open file description holds either byte: that would be another writer.
+        starts = (_LOCK_PERM_BASE + _PERM_WRITE_BIT, _LOCK_SHARED_BASE + _PERM_WRITE_BIT)
+        try:
+            for start in starts:
+                _ofd_lock(self.fd, fcntl.F_RDLCK, start)
+            for start in starts:
+                probe = _ofd_lock(self.fd, fcntl.F_WRLCK, start, _F_OFD_GETLK)
+                if struct.unpack("hhqqi4x", probe)[0] != fcntl.F_UNLCK:
+                    raise OSError(errno.EAGAIN, "locked")
+        except OSError as e:
+            for start in starts:
+                _ofd_lock(self.fd, fcntl.F_UNLCK, start)
+            # QEMU adds a hint ("Is another process using the image?") that QMP does not carry.
+            raise BlockError('Failed to get "write" lock') from e
+        self._writer_locked = True
+
+    def drop_write(self) -> None:
+        if self._writer_locked:
+            for start in (_LOCK_PERM_BASE + _PERM_WRITE_BIT, _LOCK_SHARED_BASE + _PERM_WRITE_BIT):
+                _ofd_lock(self.fd, fcntl.F_UNLCK, start)
+            self._writer_locked = False
+
+    # -- I/O: each call is one worker-thread hop --
+
+    def _read(self, offset: int, length: int) -> bytes | None:
+        if offset >= self.file_size or _is_hole(self.fd, offset, length):
+            return None
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # the tail of the last sector, past the end of the file
+            data += bytes(length - len(data))
+        return data
+
+    async def read(self, offset: int, length: int) -> bytes | None:
+        return await trio.to_thread.run_sync(self._read, offset, length)
+
+    def _write(self, offset: int, data: bytes | None, length: int) -> None:
+        if data is None:
+            self._zero(offset, length)
+            return
+        # Runs of zero segments become holes, so that a chunk read with some holes in it (a
+        # partly sparse range reads as bytes) keeps them on this side.
+        view = memoryview(data)
+        start = 0
+        while start < len(view):
+            zero = _is_zero(view[start:start + _SEGMENT])
+            end = start + _SEGMENT
+            while end < len(view) and _is_zero(view[end:end + _SEGMENT]) == zero:
+                end += _SEGMENT
+            end = min(end, len(view))
+            if zero:
+                self._zero(offset + start, end - start)
+            else:
+                self._pwrite(offset + start, view[start:end])
+            start = end
+
+    def _zero(self, offset: int, length: int) -> None:
+        end = min(offset + length, self.file_size)
+        if end <= offset or _is_hole(self.fd, offset, end - offset):
+            return
+        if not _punch_hole(self.fd, offset, end - offset):
+            self._pwrite(offset, memoryview(bytes(end - offset)))
+
+    def _pwrite(self, offset: int, view: memoryview) -> None:
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+        self.file_size = max(self.file_size, offset)
+
+    async def write(self, offset: int, data: bytes | None, length: int) -> None:
+        await trio.to_thread.run_sync(self._write, offset, data, length)
+
+    async def flush(self) -> None:
+        if not self.no_flush and not self.read_only:
+            await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
+    async def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            self._writer_locked = False  # closing the descriptor drops its OFD locks
+            await trio.to_thread.run_sync(os.close, fd)
+
+
+def open_file(
+    name: str, filename: str, *, read_only: bool, auto_read_only: bool, direct: bool,
+) -> tuple[int, bool]:
+    """Open FILENAME as QEMU's file driver does: (descriptor, read-only). With auto-read-only a
+    file that cannot be opened for writing is opened read-only. Blocking: a worker's job."""
+    flags = os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+    if not filename:
+        raise BlockError("The 'file' block driver requires a file name")
+
+    def attempt(ro: bool) -> int:
+        return os.open(filename, flags | (os.O_RDONLY if ro else os.O_RDWR))
+
+    try:
+        fd = attempt(read_only)
+    except OSError as e:
+        if not read_only and auto_read_only and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            try:
+                return _check_kind(attempt(True), filename), True
+            except OSError:
+                pass
+        raise BlockError(f"Could not open '{filename}': {os.strerror(e.errno or 0)}") from e
+    return _check_kind(fd, filename), read_only
+
+
+def _check_kind(fd: int, filename: str) -> int:
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+        os.close(fd)
+        raise BlockError(f"'file' driver requires '{filename}' to be a regular file")
+    return fd
