@@ -2,8 +2,9 @@
 
 Arguments arrive as the schema declares them (qapi/visit.py): enums as str, structs as dicts,
 boxed commands (blockdev-add, blockdev-backup) as one dict keyed by the schema's member names.
-The file and raw drivers are in; drive-*, block-stream, block-commit, blockdev-create and
-query-named-block-nodes answer "not implemented yet" until they land (docs/compat.md).
+drive-backup, drive-mirror and query-named-block-nodes answer "not implemented yet" until they
+land (docs/compat.md). block-stream and block-commit act as QEMU's do on nodes without a backing
+file, the only kind this milestone has.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from typing import Any
 
 import trio
 
+from ..block.drivers.base import Node
 from ..block.graph import BlockError
 from ..block.jobs.backup import CLUSTER, BackupJob
 from ..block.jobs.blockjob import BlockJob
+from ..block.jobs.commit import check_commit
+from ..block.jobs.create import CreateJob
 from ..block.jobs.mirror import MirrorJob
+from ..block.jobs.stream import StreamJob
 from ..block.nodes import open_node
 from ..dispatch import Context, handler
 from ..jobs.errors import JobError
@@ -216,7 +221,7 @@ async def query_block_jobs(ctx: Context) -> list[dict[str, Any]]:
     return [job.block_info() for job in ctx.jobs.jobs() if isinstance(job, BlockJob)]
 
 
-# -- the next milestone's commands (files) ------------------------------------------
+# -- stream, commit, and what is still to come ------------------------------------------
 
 
 @handler("block-commit")
@@ -236,7 +241,7 @@ async def block_commit(
     auto_finalize: bool | None = None,
     auto_dismiss: bool | None = None,
 ) -> None:
-    raise QmpError("GenericError", "not implemented yet")
+    check_commit(ctx.graph, device, top=top, top_node=top_node, base=base, base_node=base_node)
 
 
 @handler("drive-backup")
@@ -267,7 +272,37 @@ async def block_stream(
     auto_finalize: bool | None = None,
     auto_dismiss: bool | None = None,
 ) -> None:
-    raise QmpError("GenericError", "not implemented yet")
+    node = ctx.graph.lookup(device)
+    if base is not None and base_node is not None:
+        raise BlockError("'base' and 'base-node' cannot be specified at the same time")
+    if base is not None and bottom is not None:
+        raise BlockError("'base' and 'bottom' cannot be specified at the same time")
+    if bottom is not None and base_node is not None:
+        raise BlockError("'bottom' and 'base-node' cannot be specified at the same time")
+    if base is not None:
+        # No node of this milestone has a backing file: no base can be found below DEVICE.
+        raise BlockError(f"Can't find '{base}' in the backing chain")
+    if base_node is not None:
+        _node_or_error(ctx, base_node)
+        raise BlockError(f"Node '{base_node}' is not a backing image of '{device}'")
+    if bottom is not None and _node_or_error(ctx, bottom) is not node:
+        raise BlockError(f"Node '{bottom}' is not in a chain starting from '{device}'")
+    if backing_file is not None:
+        raise BlockError("backing file specified, but streaming the entire chain")
+    node.check_backup_source()  # a backup's source may be streamed, not what a job writes
+    job = StreamJob(
+        _check_job_id(ctx, job_id), ctx.events.emit, node,
+        auto_finalize=True if auto_finalize is None else auto_finalize,
+        auto_dismiss=True if auto_dismiss is None else auto_dismiss,
+    )
+    await _launch(ctx, job, speed or 0)
+
+
+def _node_or_error(ctx: Context, name: str) -> Node:
+    try:
+        return ctx.graph.find(name)
+    except BlockError:
+        raise BlockError(f"Cannot find device='' nor node-name='{name}'") from None
 
 
 @handler("query-named-block-nodes")
@@ -279,4 +314,10 @@ async def query_named_block_nodes(
 
 @handler("blockdev-create")
 async def blockdev_create(ctx: Context, *, job_id: str, options: dict[str, Any]) -> None:
-    raise QmpError("GenericError", "not implemented yet")
+    driver = options["driver"]
+    if driver in ("raw", "null-co", "null-aio"):
+        raise BlockError("Driver does not support blockdev-create")
+    if driver != "file":
+        raise QmpError("GenericError", "not implemented yet")
+    ctx.jobs.check_new_id(job_id)
+    await _launch(ctx, CreateJob(job_id, ctx.events.emit, options), 0)
