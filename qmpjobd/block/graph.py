@@ -22,6 +22,10 @@ class BlockError(JobError):
     """A block layer error; the dispatcher reports it like any JobError (GenericError)."""
 
 
+class DeviceNotFound(BlockError):
+    cls = "DeviceNotFound"
+
+
 class BlockGraph:
     def __init__(self) -> None:
         self._nodes: dict[str, Node] = {}

@@ -3,9 +3,8 @@ backing chain every commit that gets past them would commit an image into itself
 
 from __future__ import annotations
 
-from ...qmp.errors import QmpError
 from ..drivers.base import Node
-from ..graph import BlockError, BlockGraph
+from ..graph import BlockError, BlockGraph, DeviceNotFound
 
 
 def _find_node(graph: BlockGraph, name: str) -> Node:
@@ -34,7 +33,7 @@ def check_commit(
     try:
         node = graph.find(device)
     except BlockError:
-        raise QmpError("DeviceNotFound", f"Device '{device}' not found") from None
+        raise DeviceNotFound(f"Device '{device}' not found") from None
     node.check_mirror_source()
     if top_node is not None and top is not None:
         raise BlockError("'top-node' and 'top' are mutually exclusive")
