@@ -2,26 +2,30 @@
 
 Arguments arrive as the schema declares them (qapi/visit.py): enums as str, structs as dicts,
 boxed commands (blockdev-add, blockdev-backup) as one dict keyed by the schema's member names.
-drive-backup, drive-mirror and query-named-block-nodes answer "not implemented yet" until they
-land (docs/compat.md). block-stream and block-commit act as QEMU's do on nodes without a backing
-file, the only kind this milestone has.
+drive-backup and drive-mirror open their own target (raw or file, created or existing);
+query-named-block-nodes answers "not implemented yet" until it lands (docs/compat.md).
+block-stream and block-commit act as QEMU's do on nodes without a backing file, the only kind
+this milestone has.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import trio
 
 from ..block.drivers.base import Node
+from ..block.drivers.file import FileNode, open_file
+from ..block.drivers.raw import RawNode
 from ..block.graph import BlockError
 from ..block.jobs.backup import CLUSTER, BackupJob
 from ..block.jobs.blockjob import BlockJob
 from ..block.jobs.commit import check_commit
-from ..block.jobs.create import CreateJob
+from ..block.jobs.create import CreateJob, create_file
 from ..block.jobs.mirror import MirrorJob
 from ..block.jobs.stream import StreamJob
-from ..block.nodes import open_node
+from ..block.nodes import generated_name, open_node
 from ..dispatch import Context, handler
 from ..jobs.errors import JobError
 from ..jobs.job import Job
@@ -73,9 +77,24 @@ async def _launch(ctx: Context, job: Job, speed: int) -> None:
     await job.run_until_blocked()
 
 
+# Errors QEMU meets only once the job is created (a drive-* target's image lock): the job
+# goes away at once.
+_late_errors: dict[Job, str] = {}
+
+
+def _fail_when_created(job: Job, error: str | None) -> None:
+    if error is not None:
+        _late_errors[job] = error
+
+
 def create_job(ctx: Context, job: Job, speed: int) -> None:
     ctx.jobs.add(job)
     job.transition("created")
+    late = _late_errors.pop(job, None)
+    if late is not None:
+        job.transition("null")
+        release(job)
+        raise BlockError(late)
     if speed < 0:
         # QEMU has created the job when it checks the speed: it goes away at once.
         job.transition("null")
@@ -90,10 +109,14 @@ def release(job: Job) -> None:
         job.abort()
 
 
-def prepare_backup(ctx: Context, args: dict[str, Any]) -> BackupJob:
-    """A blockdev-backup's checks in QEMU's order, then the job (not yet created)."""
+def prepare_backup(
+    ctx: Context, args: dict[str, Any], target: Node | None = None
+) -> BackupJob:
+    """A blockdev-backup's checks in QEMU's order, then the job (not yet created). TARGET: a
+    drive-backup's own target node, in place of the node args['target'] names."""
     source = ctx.graph.lookup(args["device"])
-    target = ctx.graph.lookup(args["target"])
+    if target is None:
+        target = ctx.graph.lookup(args["target"])
     if source is target:
         raise BlockError("Source and target cannot be the same")
     source.check_backup_source()
@@ -247,13 +270,183 @@ async def block_commit(
 @handler("drive-backup")
 async def drive_backup(ctx: Context, arguments: dict[str, Any]) -> None:
     """Boxed: ARGUMENTS is a DriveBackup (BackupCommon plus target, format, mode)."""
-    raise QmpError("GenericError", "not implemented yet")
+    job = await prepare_drive_backup(ctx, arguments)
+    await _launch(ctx, job, arguments.get("speed", 0))
 
 
 @handler("drive-mirror")
 async def drive_mirror(ctx: Context, arguments: dict[str, Any]) -> None:
     """Boxed: ARGUMENTS is a DriveMirror."""
-    raise QmpError("GenericError", "not implemented yet")
+    args = arguments
+    source = ctx.graph.lookup(args["device"])
+    source.check_mirror_source()
+    sync = args["sync"]
+    if "replaces" in args:
+        if "node-name" not in args:
+            raise BlockError(
+                "a node-name must be provided when replacing a named node of the graph"
+            )
+        raise QmpError("GenericError", "not implemented yet")
+    target = await _drive_target(ctx, source, args)
+    try:
+        granularity = args.get("granularity", 0)
+        if granularity and not 512 <= granularity <= 64 << 20:
+            raise BlockError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+        if granularity & (granularity - 1):
+            raise BlockError("Parameter 'granularity' expects a power of 2")
+        buf_size = args.get("buf-size", 0)
+        if buf_size < 0:
+            raise BlockError("Invalid parameter 'buf-size'")
+        if sync in ("incremental", "bitmap"):
+            raise BlockError(f"Sync mode '{sync}' not supported")
+        job = MirrorJob(
+            _check_job_id(ctx, args.get("job-id")), ctx.events.emit, source, target, sync=sync,
+            granularity=granularity, buf_size=buf_size,
+            auto_finalize=args.get("auto-finalize", True),
+            auto_dismiss=args.get("auto-dismiss", True),
+        )
+        _fail_when_created(job, _lock_conflict(ctx, target, "consistent read"))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _close_target(target)
+        raise
+    _close_when_ended(ctx, job, target)
+    await _launch(ctx, job, args.get("speed", 0))
+
+
+# -- drive-backup and drive-mirror's own target ------------------------------------------
+#
+# The target is opened by file name, as an internal node QSD names '#blockNNN': the monitor
+# does not see it (no blockdev-del) and it is closed when its job ends. mode absolute-paths
+# first creates the image (raw, the source's size; the file is left behind if a later check
+# fails, as QEMU leaves it), mode existing opens the file there is.
+
+_SUPPORTED_FORMATS = ("raw", "file")
+_CANNOT_CREATE = ("null-co", "null-aio")
+# Other format drivers QEMU 7.2 has: known, but not implemented here.
+_OTHER_FORMATS = frozenset({
+    "qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks", "bochs",
+    "cloop", "dmg", "blkdebug", "blkverify", "blklogwrites", "quorum", "throttle",
+    "copy-on-read", "compress", "preallocate", "replication", "host_device", "host_cdrom",
+    "nbd", "nfs", "ssh", "iscsi", "rbd", "gluster", "http", "https", "ftp", "ftps", "vvfat",
+    "snapshot-access", "copy-before-write",
+})
+# The image files drive-* targets hold open, which the monitor does not see, and their jobs
+# (None until made). A job that has concluded holds its target no more, whether or not the
+# node has been closed yet.
+_internal_files: dict[FileNode, Job | None] = {}
+_ENDED = ("concluded", "null")
+
+
+async def prepare_drive_backup(ctx: Context, args: dict[str, Any]) -> BackupJob:
+    """A drive-backup's checks in QEMU's order: its target made or opened, then the job (not
+    yet created), which closes that target when it ends."""
+    source = ctx.graph.lookup(args["device"])
+    target = await _drive_target(ctx, source, args)
+    try:
+        if args["sync"] == "none":
+            # The target would get the source as its backing file; raw and file have none.
+            raise BlockError(
+                f"Driver '{target.driver}' of node '{target.name}' does not support backing "
+                "files"
+            )
+        job = prepare_backup(ctx, args, target)
+        _fail_when_created(job, _lock_conflict(ctx, target, "write"))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _close_target(target)
+        raise
+    _close_when_ended(ctx, job, target)
+    return job
+
+
+async def _drive_target(ctx: Context, source: Node, args: dict[str, Any]) -> Node:
+    mode = args.get("mode", "absolute-paths")
+    filename = args["target"]
+    fmt = args.get("format")
+    if fmt is None and mode != "existing":
+        fmt = source.driver
+    if fmt is not None and fmt not in _SUPPORTED_FORMATS:
+        if fmt in _CANNOT_CREATE:
+            if mode != "existing":
+                raise BlockError(f"Format driver '{fmt}' does not support image creation")
+        elif fmt not in _OTHER_FORMATS:
+            raise BlockError(f"Unknown file format '{fmt}'")
+        raise QmpError("GenericError", "not implemented yet")
+    if mode != "existing":
+        if args["sync"] == "none":
+            # The new image would have the source as its backing file.
+            raise BlockError(f"Backing file not supported for file format '{fmt}'")
+        await trio.to_thread.run_sync(create_file, filename, source.size, "off", False)
+    fd, _ = await trio.to_thread.run_sync(
+        lambda: open_file(
+            generated_name(), filename, read_only=False, auto_read_only=False, direct=False
+        )
+    )
+    try:
+        file = FileNode(
+            generated_name(), fd, filename, read_only=False, no_flush=False, discard=False,
+            locking=True,
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    _internal_files[file] = None
+    if fmt == "file":
+        file.monitor_owned = False
+        return file
+    node = RawNode(generated_name(), file, 0, file.size, False)
+    file.monitor_owned = False
+    file.parents.append(node)
+    return node
+
+
+def _lock_conflict(ctx: Context, target: Node, lock: str) -> str | None:
+    """QEMU's image locks keep a job off a target whose file is under a writable format node
+    (such a node takes its file's write permission and shares it with no one); a bare file
+    node does not hold it until a job writes it. QEMU finds out once the job is created."""
+    file = target.child if target.child is not None else target
+    if not isinstance(file, FileNode):
+        return None
+    st = os.fstat(file.fd)
+    ended = [f for f, job in _internal_files.items() if job is not None and job.status in _ENDED]
+    for node in [*ctx.graph.nodes(), *_internal_files]:
+        if node is file or not isinstance(node, FileNode) or node.fd < 0 or node in ended:
+            continue
+        if any(not parent.read_only for parent in node.parents) or node.target_of:
+            other = os.fstat(node.fd)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return f'Failed to get shared "{lock}" lock'
+    return None
+
+
+async def _close_target(node: Node) -> None:
+    """Flush and close a drive-* target (and its file node)."""
+    file = node.child if node.child is not None else node
+    try:
+        await node.flush()
+    except OSError:
+        pass  # QEMU closes the image whatever its flush says
+    finally:
+        await node.close()
+        if file is not node:
+            await file.close()
+        if isinstance(file, FileNode):
+            _internal_files.pop(file, None)
+
+
+def _close_when_ended(ctx: Context, job: Job, target: Node) -> None:
+    file = target.child if target.child is not None else target
+    if isinstance(file, FileNode):
+        _internal_files[file] = job
+
+    async def watch() -> None:
+        while job.status not in _ENDED:
+            await job.changed()
+        with trio.CancelScope(shield=True):
+            await _close_target(target)
+
+    ctx.job_nursery.start_soon(watch)
 
 
 @handler("block-stream")

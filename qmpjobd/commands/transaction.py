@@ -1,7 +1,8 @@
 """Handler for schema/transaction.json: several job starts that succeed or fail together.
 
-Every action is checked and its job created first (`created`); if one fails, the jobs already
-created are rolled back (`aborting`, `concluded`, `null`) and the reply is that action's error.
+Every action is checked and its job created first (`created`; a drive-backup's target file is
+made or opened on the way); if one fails, the jobs already created are rolled back (`aborting`,
+`concluded`, `null`) and the reply is that action's error.
 Only when all succeeded do the jobs start. With completion-mode grouped they also complete
 together (jobs/txn.py).
 """
@@ -14,7 +15,7 @@ from ..dispatch import Context, handler
 from ..jobs.errors import JobError
 from ..jobs.job import Job
 from ..jobs.txn import JobTxn
-from .block import create_job, prepare_backup, release
+from .block import create_job, prepare_backup, prepare_drive_backup, release
 
 
 @handler("transaction")
@@ -29,9 +30,12 @@ async def transaction(
             kind, data = action["type"], action["data"]
             if kind == "abort":
                 raise JobError("Transaction aborted using Abort action")
-            if kind != "blockdev-backup":
+            if kind == "blockdev-backup":
+                backup = prepare_backup(ctx, data)
+            elif kind == "drive-backup":
+                backup = await prepare_drive_backup(ctx, data)
+            else:
                 raise JobError(f"{kind} is not implemented yet")
-            backup = prepare_backup(ctx, data)
             create_job(ctx, backup, data.get("speed", 0))
             prepared.append(backup)
             if group is not None:
