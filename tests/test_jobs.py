@@ -231,3 +231,14 @@ async def test_a_pause_undone_before_the_job_parks_does_not_hang_the_pauser() ->
                 await trio.testing.wait_all_tasks_blocked()
                 slow.user_resume()  # B, before the job got out of its read
         slow.cancel(force=True)
+
+
+async def test_backup_progress_counts_whole_clusters() -> None:
+    """QSD's backup of a 3149824-byte node reports len 3211264 (whole 64 KiB clusters)."""
+    rec = Recorder()
+    job = backup(rec, size=3149824, auto_dismiss=False)
+    assert job.progress_total == 3211264
+    async with trio.open_nursery() as nursery:
+        start(job, nursery)
+        await until(job, "concluded")
+    assert job.progress_current == 3211264

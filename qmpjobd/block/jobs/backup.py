@@ -35,7 +35,9 @@ class BackupJob(BlockJob):
         )
         self.sync = sync
         self.chunk = chunk_size(max_chunk)
-        self.progress_total = source.size
+        # QEMU's backup works in whole clusters: its length and progress are the source's
+        # size rounded up to one.
+        self.progress_total = -(-source.size // CLUSTER) * CLUSTER
 
     async def run(self) -> None:
         if self.sync == "none":
@@ -43,15 +45,16 @@ class BackupJob(BlockJob):
             while True:
                 await self.sleep_ns(1 << 62)
         offset = 0
-        size = self.source.size
-        while offset < size:
+        size, total = self.source.size, self.progress_total
+        while offset < total:
             await self.pause_point()
-            length = min(self.chunk, size - offset)
+            step = min(self.chunk, total - offset)
+            length = min(step, size - offset)  # the bytes there are in the last cluster
             self.io_begin()
             data = await self.source.read(offset, length)
             await self.target.write(offset, data, length)
             self.io_end()
-            offset += length
-            self.charge(length)
-            if offset < size:
+            offset += step
+            self.charge(step)
+            if offset < total:
                 await self.ratelimit_sleep()
