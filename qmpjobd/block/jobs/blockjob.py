@@ -13,10 +13,13 @@ class BlockJob(Job):
 
     def __init__(
         self, job_id: str, emit: Emit, source: Node, target: Node, *, auto_finalize: bool,
-        auto_dismiss: bool,
+        auto_dismiss: bool, lock_target: bool = True,
     ) -> None:
         super().__init__(job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
-        target.take_write()
+        # The image's write lock, unless the job writes nothing (a stream without backing).
+        self._locked = lock_target
+        if lock_target:
+            target.take_write()
         self.source = source
         self.target = target
         source.source_of.append(self.job_type)
@@ -28,7 +31,8 @@ class BlockJob(Job):
             self._holding = False
             self.source.source_of.remove(self.job_type)
             self.target.target_of = None
-            self.target.drop_write()
+            if self._locked:
+                self.target.drop_write()
 
     def commit(self) -> None:
         self._release()

@@ -18,20 +18,10 @@ class StreamJob(BlockJob):
         self, job_id: str, emit: Emit, node: Node, *, auto_finalize: bool, auto_dismiss: bool
     ) -> None:
         # The node is both what is read and what is written; streaming nothing takes no lock.
-        super(BlockJob, self).__init__(
-            job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss
+        super().__init__(
+            job_id, emit, node, node, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+            lock_target=False,
         )
-        self.source = node
-        self.target = node
-        node.source_of.append(self.job_type)
-        node.target_of = self.job_type
-        self._holding = True
-
-    def _release(self) -> None:
-        if self._holding:
-            self._holding = False
-            self.source.source_of.remove(self.job_type)
-            self.target.target_of = None
 
     async def run(self) -> None:
         await self.pause_point()
