@@ -52,13 +52,17 @@ async def _open(
     graph: BlockGraph, name: str, options: dict[str, Any], inherited: set[str]
 ) -> Node:
     driver = options["driver"]
+    node: Node
     if driver == "null-co":
-        return _null(name, options)
-    if driver == "file":
-        return await _file(name, options, inherited)
-    if driver == "raw":
-        return await _raw(graph, name, options)
-    raise BlockError(f"Unknown driver '{driver}'")
+        node = _null(name, options)
+    elif driver == "file":
+        node = await _file(name, options, inherited)
+    elif driver == "raw":
+        node = await _raw(graph, name, options)
+    else:
+        raise BlockError(f"Unknown driver '{driver}'")
+    node.options = options
+    return node
 
 
 async def _file(name: str, options: dict[str, Any], inherited: set[str]) -> Node:
@@ -85,7 +89,7 @@ async def _file(name: str, options: dict[str, Any], inherited: set[str]) -> Node
         # locking=auto: QEMU locks wherever the file system has OFD locks (every Linux one).
         return FileNode(
             name, fd, filename, read_only=read_only, no_flush=cache.get("no-flush", False),
-            discard=discard, locking=options.get("locking", "auto") != "off",
+            direct=direct, discard=discard, locking=options.get("locking", "auto") != "off",
         )
     except BaseException:
         os.close(fd)

@@ -143,6 +143,8 @@ def prepare_backup(
             job_id, ctx.events.emit, source, target, sync=sync, max_chunk=max_chunk,
             auto_finalize=args.get("auto-finalize", True),
             auto_dismiss=args.get("auto-dismiss", True),
+            on_source_error=args.get("on-source-error", "report"),
+            on_target_error=args.get("on-target-error", "report"),
         )
     except BlockError as e:
         # QEMU meets the target's image lock while inserting its copy-before-write node.
@@ -180,7 +182,8 @@ async def blockdev_mirror(
     job = MirrorJob(
         _check_job_id(ctx, job_id), ctx.events.emit, source, target_node, sync=sync,
         granularity=granularity, buf_size=buf_size, auto_finalize=auto_finalize,
-        auto_dismiss=auto_dismiss,
+        auto_dismiss=auto_dismiss, on_source_error=on_source_error,
+        on_target_error=on_target_error,
     )
     await _launch(ctx, job, speed)
 
@@ -304,6 +307,8 @@ async def drive_mirror(ctx: Context, arguments: dict[str, Any]) -> None:
             granularity=granularity, buf_size=buf_size,
             auto_finalize=args.get("auto-finalize", True),
             auto_dismiss=args.get("auto-dismiss", True),
+            on_source_error=args.get("on-source-error", "report"),
+            on_target_error=args.get("on-target-error", "report"),
         )
         _fail_when_created(job, _lock_conflict(ctx, target, "consistent read"))
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..graph import BlockError
 
 
@@ -20,6 +22,8 @@ class Node:
         self.parents: list[Node] = []
         self.monitor_owned = True
         self.child: Node | None = None
+        # The checked blockdev-add options the node was opened with (for query-named-block-nodes).
+        self.options: dict[str, Any] = {}
 
     def _busy(self, job: str) -> BlockError:
         return BlockError(f"Node '{self.name}' is busy: block device is in use by block job: {job}")

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import struct
@@ -58,6 +59,29 @@ def _is_zero(segment: memoryview) -> bool:
     return segment == _ZEROES[: len(segment)]
 
 
+# O_DIRECT wants buffers, offsets and lengths aligned to the device's logical block; a page
+# (4 KiB) satisfies every device there is.
+_DIRECT_ALIGN = 4096
+
+
+def _direct_read(fd: int, offset: int, length: int) -> bytes:
+    """Read through O_DIRECT: an aligned window into a page-aligned (mmap) buffer."""
+    first = offset - offset % _DIRECT_ALIGN
+    size = -(-(offset + length - first) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    with mmap.mmap(-1, size) as buf:
+        got = os.preadv(fd, [buf], first)
+        return buf[offset - first:min(got, offset - first + length)]
+
+
+def _direct_write(fd: int, offset: int, view: memoryview) -> None:
+    """Write aligned data through O_DIRECT from a page-aligned (mmap) copy of it."""
+    with mmap.mmap(-1, len(view)) as buf, memoryview(buf) as aligned:
+        aligned[:] = view
+        done = 0
+        while done < len(view):
+            done += os.pwritev(fd, [aligned[done:]], offset + done)
+
+
 def _is_hole(fd: int, offset: int, length: int) -> bool:
     """Whether [offset, offset+length) holds no data (SEEK_DATA finds none before its end)."""
     try:
@@ -72,7 +96,7 @@ class FileNode(Node):
 
     def __init__(
         self, name: str, fd: int, filename: str, *, read_only: bool, no_flush: bool,
-        discard: bool, locking: bool,
+        discard: bool, locking: bool, direct: bool = False,
     ) -> None:
         st = os.fstat(fd)
         self.file_size = st.st_size
@@ -81,10 +105,15 @@ class FileNode(Node):
         self.fd = fd
         self.filename = filename
         self.no_flush = no_flush
+        self.direct = direct
         self.discard = discard
         self.locking = locking
         self.regular = stat.S_ISREG(st.st_mode)
         self._writer_locked = False
+        # Whether os.copy_file_range may serve copies from or to this file (datapath.py).
+        self.copy_range_ok = True
+        # An O_DIRECT file's second, buffered descriptor, opened when first needed.
+        self._buffered = -1
 
     # -- locks (QEMU's byte-range protocol, so QEMU and qmpjobd see each other's writers) --
 
@@ -116,22 +145,25 @@ class FileNode(Node):
                 _ofd_lock(self.fd, fcntl.F_UNLCK, start)
             self._writer_locked = False
 
-    # -- I/O: each call is one worker-thread hop --
+    # -- I/O: the *_sync methods block and run in worker threads, one hop per request --
 
-    def _read(self, offset: int, length: int) -> bytes | None:
+    def read_sync(self, offset: int, length: int) -> bytes | None:
         if offset >= self.file_size or _is_hole(self.fd, offset, length):
             return None
-        data = os.pread(self.fd, length, offset)
+        if self.direct:
+            data = _direct_read(self.fd, offset, length)
+        else:
+            data = os.pread(self.fd, length, offset)
         if len(data) < length:  # the tail of the last sector, past the end of the file
             data += bytes(length - len(data))
         return data
 
     async def read(self, offset: int, length: int) -> bytes | None:
-        return await trio.to_thread.run_sync(self._read, offset, length)
+        return await trio.to_thread.run_sync(self.read_sync, offset, length)
 
-    def _write(self, offset: int, data: bytes | None, length: int) -> None:
+    def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
         if data is None:
-            self._zero(offset, length)
+            self.zero_sync(offset, length)
             return
         # Runs of zero segments become holes, so that a chunk read with some holes in it (a
         # partly sparse range reads as bytes) keeps them on this side.
@@ -144,12 +176,13 @@ class FileNode(Node):
                 end += _SEGMENT
             end = min(end, len(view))
             if zero:
-                self._zero(offset + start, end - start)
+                self.zero_sync(offset + start, end - start)
             else:
                 self._pwrite(offset + start, view[start:end])
             start = end
 
-    def _zero(self, offset: int, length: int) -> None:
+    def zero_sync(self, offset: int, length: int) -> None:
+        """Make [OFFSET, OFFSET+LENGTH) read as zeroes: a hole where there is data."""
         end = min(offset + length, self.file_size)
         if end <= offset or _is_hole(self.fd, offset, end - offset):
             return
@@ -157,14 +190,29 @@ class FileNode(Node):
             self._pwrite(offset, memoryview(bytes(end - offset)))
 
     def _pwrite(self, offset: int, view: memoryview) -> None:
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view = view[written:]
-            offset += written
-        self.file_size = max(self.file_size, offset)
+        if self.direct and not (offset | len(view)) % _DIRECT_ALIGN:
+            _direct_write(self.fd, offset, view)
+        else:
+            # Buffered (also the unaligned tail of an O_DIRECT file, through a second,
+            # buffered description of it: O_DIRECT cannot write part of a block).
+            fd = self._buffered_fd() if self.direct else self.fd
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        self.grew_to(offset + len(view))
+
+    def grew_to(self, end: int) -> None:
+        """Data was written up to END: the file is at least that long now."""
+        self.file_size = max(self.file_size, end)
+
+    def _buffered_fd(self) -> int:
+        if self._buffered < 0:
+            self._buffered = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        return self._buffered
 
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
-        await trio.to_thread.run_sync(self._write, offset, data, length)
+        await trio.to_thread.run_sync(self.write_sync, offset, data, length)
 
     async def flush(self) -> None:
         if not self.no_flush and not self.read_only:
@@ -172,6 +220,9 @@ class FileNode(Node):
 
     async def close(self) -> None:
         fd, self.fd = self.fd, -1
+        if self._buffered >= 0:
+            buffered, self._buffered = self._buffered, -1
+            await trio.to_thread.run_sync(os.close, buffered)
         if fd >= 0:
             self._writer_locked = False  # closing the descriptor drops its OFD locks
             await trio.to_thread.run_sync(os.close, fd)

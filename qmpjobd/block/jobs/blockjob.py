@@ -1,11 +1,18 @@
-"""What block jobs add to jobs: the BLOCK_JOB_* events and query-block-jobs' view."""
+"""What block jobs add to jobs: error policies, the BLOCK_JOB_* events, query-block-jobs' view."""
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from ...jobs.job import Emit, Job
+from ..datapath import CopyFailed
 from ..drivers.base import Node
+
+# How long a job waits before it retries a request whose error it was told to ignore: QSD
+# retries at once, and sends a BLOCK_JOB_ERROR for every attempt; a pause between attempts
+# keeps a lasting error from flooding the clients with events (about as many as QSD sends).
+IGNORED_ERROR_RETRY_NS = 10_000_000
 
 
 class BlockJob(Job):
@@ -13,9 +20,14 @@ class BlockJob(Job):
 
     def __init__(
         self, job_id: str, emit: Emit, source: Node, target: Node, *, auto_finalize: bool,
-        auto_dismiss: bool, lock_target: bool = True,
+        auto_dismiss: bool, lock_target: bool = True, on_source_error: str = "report",
+        on_target_error: str = "report",
     ) -> None:
         super().__init__(job_id, emit, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        # query-block-jobs' io-status: how the request the job stopped on failed.
+        self.io_status = "ok"
         # The image's write lock, unless the job writes nothing (a stream without backing).
         self._locked = lock_target
         if lock_target:
@@ -36,6 +48,37 @@ class BlockJob(Job):
 
     def commit(self) -> None:
         self._release()
+
+    # -- I/O errors ----------------------------------------------------------------------
+
+    def io_failed(self, failure: CopyFailed) -> str:
+        """Apply the error policy to a failed request: send BLOCK_JOB_ERROR and return the
+        action, 'report' (the caller fails the job with the error), 'ignore' (it retries) or
+        'stop' (it retries once the job has been resumed: the job is now paused, as by its
+        client, with the error in its io-status)."""
+        read = failure.operation == "read"
+        policy = self.on_source_error if read else self.on_target_error
+        nospace = failure.error.errno == errno.ENOSPC
+        action = ("stop" if nospace else "report") if policy == "enospc" else policy
+        self._emit(
+            "BLOCK_JOB_ERROR",
+            {"device": self.id, "operation": failure.operation, "action": action},
+        )
+        if action == "stop":
+            if not self.user_paused:
+                self.user_paused = True
+                self.pause()
+            self.io_status = "nospace" if nospace else "failed"
+        return action
+
+    async def retry_after(self, action: str) -> None:
+        """Before retrying a failed request: the pause for 'ignore', the pause point (where a
+        stopped job waits for job-resume, or notices its cancellation) for both."""
+        await self.sleep_ns(IGNORED_ERROR_RETRY_NS if action == "ignore" else 0)
+
+    def user_resume(self) -> None:
+        super().user_resume()
+        self.io_status = "ok"  # a resumed job retries: its error is no longer its state
 
     def abort(self) -> None:
         self._release()
@@ -78,7 +121,7 @@ class BlockJob(Job):
             "busy": self.busy,
             "paused": self.reports_paused(),
             "speed": self.speed,
-            "io-status": "ok",
+            "io-status": self.io_status,
             "ready": self.status in ("ready", "standby"),
             "status": self.status,
             "auto-finalize": self.auto_finalize,

@@ -9,15 +9,22 @@ writing to the source here, so a ready mirror has nothing more to copy.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import trio
 
 from ...jobs.errors import JobError
 from ...jobs.job import Emit
+from ..datapath import CopyFailed, copy, on_host_files
 from ..drivers.base import Node
 from .blockjob import BlockJob
 
 DEFAULT_BUF_SIZE = 1 << 24
+# As QEMU's mirror: at most this many requests in flight, each of at least MIN_REQUEST bytes
+# (more for a larger buffer), and no more bytes in flight than the buffer holds. A failing
+# target makes every request in flight fail: one BLOCK_JOB_ERROR each, as QSD sends them.
+MAX_IN_FLIGHT = 16
+MIN_REQUEST = 1 << 20
 
 
 def _physical_memory() -> int:
@@ -29,11 +36,9 @@ class MirrorJob(BlockJob):
 
     def __init__(
         self, job_id: str, emit: Emit, source: Node, target: Node, *, sync: str,
-        granularity: int, buf_size: int, auto_finalize: bool, auto_dismiss: bool,
+        granularity: int, buf_size: int, **options: Any,
     ) -> None:
-        super().__init__(
-            job_id, emit, source, target, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss
-        )
+        super().__init__(job_id, emit, source, target, **options)
         self.sync = sync
         self.granularity = granularity or 65536
         self.buf_size = buf_size or DEFAULT_BUF_SIZE
@@ -59,18 +64,50 @@ class MirrorJob(BlockJob):
             await self.sleep_ns(1 << 62)
 
     async def _copy(self) -> None:
-        offset, size = 0, self.source.size
-        chunk = max(self.granularity, min(self.buf_size, 1 << 20))
-        while offset < size:
-            length = min(chunk, size - offset)
+        size = self.source.size
+        request = max(self.granularity, min(self.buf_size, max(self.buf_size // 16, MIN_REQUEST)))
+        request -= request % self.granularity
+        # Requests between files run side by side in worker threads; with a null-co node
+        # there is no I/O to overlap.
+        in_flight = max(1, min(MAX_IN_FLIGHT, self.buf_size // request))
+        if not on_host_files(self.source, self.target):
+            in_flight = 1
+        todo = [(offset, min(request, size - offset)) for offset in range(0, size, request)]
+        todo.reverse()  # taken from the end: the copy goes front to back
+        while todo:
             await self.pause_point()
+            batch = [todo.pop() for _ in range(min(in_flight, len(todo)))]
+            failures: list[tuple[int, int, CopyFailed]] = []
             self.io_begin()
-            data = await self.source.read(offset, length)
-            await self.target.write(offset, data, length)
+            if len(batch) == 1:
+                await self._request(*batch[0], failures)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for offset, length in batch:
+                        nursery.start_soon(self._request, offset, length, failures)
             self.io_end()
-            offset += length
-            self.progress_current += length
-            self.limit.delay_ns(length)
+            if not failures:
+                continue
+            actions = [self.io_failed(failure) for _, _, failure in failures]
+            if "report" in actions:
+                raise failures[actions.index("report")][2].error
+            # What failed is copied again (from where each request got to) once the job goes
+            # on: at once when ignored, after job-resume when stopped.
+            for offset, length, failure in sorted(failures, reverse=True):
+                todo.append((offset + failure.done, length - failure.done))
+                self.progress_current += failure.done
+            await self.retry_after("stop" if "stop" in actions else "ignore")
+
+    async def _request(
+        self, offset: int, length: int, failures: list[tuple[int, int, CopyFailed]]
+    ) -> None:
+        try:
+            await copy(self.source, self.target, offset, length)
+        except CopyFailed as failure:
+            failures.append((offset, length, failure))
+            return
+        self.progress_current += length
+        self.limit.delay_ns(length)
 
     def soft_cancel_completes(self) -> bool:
         return self.status in ("ready", "standby")
