@@ -24,6 +24,8 @@ from .drivers.file import FileNode
 # Per copy_file_range call: large enough that a call costs little, small enough that the
 # progress of a failing copy is known to within one piece.
 _PIECE = 8 << 20
+# Copies by hand (pread/pwrite) go this much at a time.
+_BY_HAND = 1 << 20
 # copy_file_range cannot serve this pair of files at all (another file system, a kernel or
 # file system without it): they copy with pread/pwrite from now on. (EINVAL, say for an
 # O_DIRECT range out of alignment, falls back for that piece only.)
@@ -140,12 +142,15 @@ def _copy_piece(src: FileNode, at: int, dst: FileNode, to: int, length: int, don
                 src.copy_range_ok = dst.copy_range_ok = False
             # Redo the rest by hand: that tells a read error from a write error.
             at, to, length, done = at + copied, to + copied, length - copied, done + copied
-    try:
-        data = src.read_sync(at, length)
-    except OSError as e:
-        raise CopyFailed("read", e, done) from None
-    try:
-        dst.write_sync(to, data, length)
-    except OSError as e:
-        raise CopyFailed("write", e, done) from None
-
+    while length > 0:
+        # In steps of the jobs' usual chunk, so that a failure is placed to within one.
+        n = min(length, _BY_HAND)
+        try:
+            data = src.read_sync(at, n)
+        except OSError as e:
+            raise CopyFailed("read", e, done) from None
+        try:
+            dst.write_sync(to, data, n)
+        except OSError as e:
+            raise CopyFailed("write", e, done) from None
+        at, to, length, done = at + n, to + n, length - n, done + n

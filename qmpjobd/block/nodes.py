@@ -45,11 +45,11 @@ async def open_node(graph: BlockGraph, options: dict[str, Any]) -> Node:
     if name is None:
         raise BlockError("'node-name' must be specified for the root node")
     graph.check_new_name(name)
-    return await _open(graph, name, options, set())
+    return await _open(graph, name, options, {})
 
 
 async def _open(
-    graph: BlockGraph, name: str, options: dict[str, Any], inherited: set[str]
+    graph: BlockGraph, name: str, options: dict[str, Any], inherited: dict[str, Any]
 ) -> Node:
     driver = options["driver"]
     node: Node
@@ -58,21 +58,21 @@ async def _open(
     elif driver == "file":
         node = await _file(name, options, inherited)
     elif driver == "raw":
-        node = await _raw(graph, name, options)
+        node = await _raw(graph, name, options, inherited)
     else:
         raise BlockError(f"Unknown driver '{driver}'")
     node.options = options
     return node
 
 
-async def _file(name: str, options: dict[str, Any], inherited: set[str]) -> Node:
+async def _file(name: str, options: dict[str, Any], inherited: dict[str, Any]) -> Node:
     discard = options.get("discard", "ignore") == "unmap"
     if options.get("detect-zeroes") == "unmap" and not discard:
         raise BlockError(
             "setting detect-zeroes to unmap is not allowed without setting discard operation to "
             "unmap"
         )
-    cache = options.get("cache", {})
+    cache = {**inherited.get("cache", {}), **options.get("cache", {})}
     direct = cache.get("direct", False)
     if options.get("aio") == "native" and not direct:
         raise BlockError(
@@ -81,7 +81,7 @@ async def _file(name: str, options: dict[str, Any], inherited: set[str]) -> Node
     filename = options["filename"]
     fd, read_only = await trio.to_thread.run_sync(
         lambda: open_file(
-            name, filename, read_only=options.get("read-only", "read-only" in inherited),
+            name, filename, read_only=options.get("read-only", inherited.get("read-only", False)),
             auto_read_only=options.get("auto-read-only", False), direct=direct,
         )
     )
@@ -96,9 +96,11 @@ async def _file(name: str, options: dict[str, Any], inherited: set[str]) -> Node
         raise
 
 
-async def _raw(graph: BlockGraph, name: str, options: dict[str, Any]) -> Node:
+async def _raw(
+    graph: BlockGraph, name: str, options: dict[str, Any], inherited: dict[str, Any]
+) -> Node:
     ref = options["file"]
-    read_only = options.get("read-only", False)
+    read_only = options.get("read-only", inherited.get("read-only", False))
     if isinstance(ref, str):
         child = graph.lookup(ref)
         inline = False
@@ -110,7 +112,9 @@ async def _raw(graph: BlockGraph, name: str, options: dict[str, Any]) -> Node:
             graph.check_new_name(child_name)
             if child_name == name:
                 raise BlockError(f"Duplicate nodes with node-name='{child_name}'")
-        child = await _open(graph, child_name, ref, {"read-only"} if read_only else set())
+        # An inline child takes its parent's read-only and cache settings unless it has its own.
+        cache = {**inherited.get("cache", {}), **options.get("cache", {})}
+        child = await _open(graph, child_name, ref, {"read-only": read_only, "cache": cache})
         inline = True
     try:
         offset = options.get("offset", 0)

@@ -2,8 +2,7 @@
 
 Arguments arrive as the schema declares them (qapi/visit.py): enums as str, structs as dicts,
 boxed commands (blockdev-add, blockdev-backup) as one dict keyed by the schema's member names.
-drive-backup and drive-mirror open their own target (raw or file, created or existing);
-query-named-block-nodes answers "not implemented yet" until it lands (docs/compat.md).
+drive-backup and drive-mirror open their own target (raw or file, created or existing).
 block-stream and block-commit act as QEMU's do on nodes without a backing file, the only kind
 this milestone has.
 """
@@ -19,6 +18,7 @@ from ..block.drivers.base import Node
 from ..block.drivers.file import FileNode, open_file
 from ..block.drivers.raw import RawNode
 from ..block.graph import BlockError
+from ..block.info import named_block_nodes
 from ..block.jobs.backup import CLUSTER, BackupJob
 from ..block.jobs.blockjob import BlockJob
 from ..block.jobs.commit import check_commit
@@ -507,7 +507,21 @@ def _node_or_error(ctx: Context, name: str) -> Node:
 async def query_named_block_nodes(
     ctx: Context, *, flat: bool | None = None
 ) -> list[dict[str, Any]]:
-    raise QmpError("GenericError", "not implemented yet")
+    # `flat` only leaves out the images' backing chains, and no node here has a backing file.
+    # QEMU lists nodes newest first, a parent before the inline child it opened first. The
+    # drive-* targets it lists too (their raw node over their file) until their job concludes;
+    # they are taken as newer than every monitor node (qmpjobd's nodes have no creation order).
+    internal: list[Node] = []
+    detect_zeroes: dict[Node, str] = {}
+    for file, job in reversed(_internal_files.items()):
+        if file.fd < 0 or (job is not None and job.status in _ENDED):
+            continue
+        top = file.parents[0] if file.parents else file
+        internal += [top, file] if top is not file else [file]
+        if job is not None and job.job_type == "backup":
+            detect_zeroes[top] = "unmap"  # drive-backup opens its target so
+    nodes = internal + list(reversed(ctx.graph.nodes()))
+    return await named_block_nodes(nodes, ctx.jobs.jobs(), detect_zeroes)
 
 
 @handler("blockdev-create")

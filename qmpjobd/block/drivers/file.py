@@ -64,6 +64,10 @@ def _is_zero(segment: memoryview) -> bool:
 _DIRECT_ALIGN = 4096
 
 
+def _pread(fd: int, offset: int, length: int) -> bytes:
+    return os.pread(fd, length, offset)
+
+
 def _direct_read(fd: int, offset: int, length: int) -> bytes:
     """Read through O_DIRECT: an aligned window into a page-aligned (mmap) buffer."""
     first = offset - offset % _DIRECT_ALIGN
@@ -150,13 +154,20 @@ class FileNode(Node):
     def read_sync(self, offset: int, length: int) -> bytes | None:
         if offset >= self.file_size or _is_hole(self.fd, offset, length):
             return None
-        if self.direct:
-            data = _direct_read(self.fd, offset, length)
-        else:
-            data = os.pread(self.fd, length, offset)
-        if len(data) < length:  # the tail of the last sector, past the end of the file
-            data += bytes(length - len(data))
-        return data
+        read = _direct_read if self.direct else _pread
+        parts = []
+        got = 0
+        while got < length:
+            # A short read is the end of the file, or a failure further on: the next read
+            # says which (b'' or an error).
+            part = read(self.fd, offset + got, length - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        if got < length:  # the tail of the last sector, past the end of the file
+            parts.append(bytes(length - got))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read(self, offset: int, length: int) -> bytes | None:
         return await trio.to_thread.run_sync(self.read_sync, offset, length)

@@ -49,27 +49,46 @@ class BackupJob(BlockJob):
             # Only copies what the guest would overwrite; there is no guest: wait for cancel.
             while True:
                 await self.sleep_ns(1 << 62)
-        offset = 0
-        size, total = self.source.size, self.progress_total
-        while offset < total:
-            await self.pause_point()
-            step = min(self.fast_chunk if not self.speed else self.chunk, total - offset)
-            length = min(step, size - offset)  # the bytes there are in the last cluster
-            self.io_begin()
-            try:
-                await copy(self.source, self.target, offset, length)
-            except CopyFailed as failure:
-                self.io_end()
-                done = failure.done - failure.done % CLUSTER  # progress counts whole clusters
-                offset += done
-                self.charge(done)
-                action = self.io_failed(failure)
-                if action == "report":
-                    raise failure.error from None
-                await self.retry_after(action)
-                continue
+        # Each pass tries every range still to copy; a chunk that fails is left for the next
+        # pass, and the pass goes on with the rest, as QEMU's backup does: its progress counts
+        # the chunks that were copied, and the first error is acted on once the pass is over.
+        todo = [(0, self.progress_total)]
+        while todo:
+            failed: list[tuple[int, int]] = []
+            first: CopyFailed | None = None
+            for start, end in todo:
+                offset = start
+                while offset < end:
+                    await self.pause_point()
+                    step = min(self.fast_chunk if not self.speed else self.chunk, end - offset)
+                    try:
+                        await self._copy(offset, step)
+                        done = step
+                    except CopyFailed as failure:
+                        first = first or failure
+                        # What was copied before the chunk that failed counts; that chunk is
+                        # the next pass's.
+                        done = failure.done - failure.done % self.chunk
+                        bad = min(self.chunk, end - offset - done)
+                        failed.append((offset + done, offset + done + bad))
+                        offset += bad
+                    offset += done
+                    self.charge(done)
+                    if offset < self.progress_total:
+                        await self.ratelimit_sleep()
+            if first is None:
+                return
+            action = self.io_failed(first)
+            if action == "report":
+                raise first.error
+            await self.retry_after(action)
+            todo = failed
+
+    async def _copy(self, offset: int, step: int) -> None:
+        # The last cluster may hold fewer bytes than a cluster: copy only those.
+        length = min(step, self.source.size - offset)
+        self.io_begin()
+        try:
+            await copy(self.source, self.target, offset, length)
+        finally:
             self.io_end()
-            offset += step
-            self.charge(step)
-            if offset < total:
-                await self.ratelimit_sleep()
