@@ -15,6 +15,20 @@
     scripts/bench.py schema     compile our schema, QSD's and the emulator's: qmpjobd's compiler
                                 against QEMU 7.2's generator front end (scripts/qapi, from the
                                 fetched source), best of N runs each
+    scripts/bench.py copy       blockdev-backup sync=full of a 1 GiB dense raw file (random data,
+                                warm page cache) to an existing 1 GiB file, both nodes driver
+                                file: send to BLOCK_JOB_COMPLETED, os.sync() before each run,
+                                runs interleaved after an untimed warm-up round, median of 3;
+                                MB/s and the ratio (target bytes checked after each run, untimed)
+    scripts/bench.py sparse     the same from a 10 GiB raw file with 64 MiB of data in 64 extents
+                                (holes elsewhere) to a fresh 10 GiB sparse target: seconds (QSD
+                                given 120 s), whether the target kept its holes (allocated
+                                bytes), the bytes checked over both files' data extents
+    scripts/bench.py busy       query-jobs round trips from a second client, back to back, while
+                                a 1 GiB dense backup runs (after an untimed one; repeated until
+                                >= 200 samples): p50, p99 and max latency
+
+The image files go under --dir (default: a fresh directory under /var/tmp, removed at the end).
 
 Timings are printed, never asserted: the test suite has no timed tests.
 """
@@ -22,8 +36,10 @@ Timings are printed, never asserted: the test suite has no timed tests.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import selectors
+import shutil
 import socket
 import statistics
 import subprocess
@@ -31,8 +47,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -145,10 +164,10 @@ def qmpjobd_argv(paths: list[str]) -> list[str]:
 
 
 @contextmanager
-def running(argv: list[str], path: str) -> Iterator[float]:
+def running(argv: list[str], path: str, stderr: int | None = None) -> Iterator[float]:
     """Start a daemon; yield the milliseconds from exec to its greeting."""
     start = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=REPO)
+    process = subprocess.Popen(argv, cwd=REPO, stderr=stderr)
     try:
         while True:  # a benchmark may poll: it measures, it does not assert
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -342,19 +361,323 @@ def bench_schema(runs: int) -> None:
         print(f"{label:28} {ours * 1e3:8.1f}ms {theirs * 1e3:8.1f}ms {ours / theirs:7.2f}")
 
 
+# -- backups of files --------------------------------------------------------------------------
+
+GIB = 1 << 30
+MIB = 1 << 20
+DAEMONS: dict[str, Callable[[list[str]], list[str]]] = {
+    "qemu-storage-daemon": qsd_argv, "qmpjobd": qmpjobd_argv,
+}
+
+
+class JobClient(Client):
+    """A client that waits for events: one command at a time, events kept aside in order."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.events: list[dict[str, Any]] = []
+
+    def message(self, timeout: float | None = None) -> dict[str, Any]:
+        self.sock.settimeout(timeout)  # a timeout keeps a partial line in the buffer
+        try:
+            message: dict[str, Any] = orjson.loads(self.read_line())
+        finally:
+            self.sock.settimeout(None)
+        return message
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        message: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self.sock.sendall(orjson.dumps(message) + b"\n")
+        while "event" in (reply := self.message()):
+            self.events.append(reply)
+        if "error" in reply:
+            raise RuntimeError(f"{command}: {reply['error']}")
+        return reply["return"]
+
+    def event(self, name: str, timeout: float | None = None, **data: object) -> dict[str, Any]:
+        """The first event NAME whose data holds DATA; TimeoutError after TIMEOUT seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        while True:
+            for i in range(seen, len(self.events)):
+                event = self.events[i]
+                if event["event"] == name and data.items() <= event.get("data", {}).items():
+                    return self.events.pop(i)
+            seen = len(self.events)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(name)
+            if "event" in (message := self.message(left)):
+                self.events.append(message)
+
+
+def start_backup(client: JobClient, source: str, target: str) -> float:
+    """Add the two nodes and send blockdev-backup sync=full; the time it was sent."""
+    client.events.clear()
+    client.execute("blockdev-add", {"driver": "file", "node-name": "src", "filename": source,
+                                    "read-only": True})
+    client.execute("blockdev-add", {"driver": "file", "node-name": "tgt", "filename": target})
+    start = time.perf_counter()
+    client.execute("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
+                                       "sync": "full"})
+    return start
+
+
+def finish_backup(client: JobClient, start: float, timeout: float | None = None) -> float | None:
+    """Seconds from START to BLOCK_JOB_COMPLETED, or None if TIMEOUT passed first (the job is
+    then cancelled); the nodes are deleted once the job has gone."""
+    try:
+        done = client.event("BLOCK_JOB_COMPLETED", timeout)
+        seconds: float | None = time.perf_counter() - start
+        if "error" in done["data"]:
+            raise RuntimeError(f"backup failed: {done['data']['error']}")
+    except TimeoutError:
+        client.execute("block-job-cancel", {"device": "j", "force": True})
+        client.event("BLOCK_JOB_CANCELLED")
+        seconds = None
+    client.event("JOB_STATUS_CHANGE", id="j", status="null")  # auto-dismissed
+    client.execute("blockdev-del", {"node-name": "tgt"})
+    client.execute("blockdev-del", {"node-name": "src"})
+    return seconds
+
+
+def fresh_target(path: str, size: int) -> None:
+    """Drop the previous target, create an empty (all-hole) one, and write back everything
+    dirty so that one run's writeback does not land in the next."""
+    if os.path.exists(path):
+        os.remove(path)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    os.sync()
+
+
+def data_extents(path: str) -> list[tuple[int, int]]:
+    """The file's data ranges, by SEEK_DATA/SEEK_HOLE."""
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, offset = os.fstat(fd).st_size, 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            offset = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, offset))
+    finally:
+        os.close(fd)
+    return out
+
+
+def same_bytes(a: str, b: str) -> bool:
+    """Whether the files hold the same bytes: sizes, then every range either has data in (the
+    rest is holes in both, so zeroes in both)."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    ranges = sorted(data_extents(a) + data_extents(b))
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        end = 0
+        for start, stop in ranges:
+            for offset in range(max(start, end), stop, 8 * MIB):
+                n = min(8 * MIB, stop - offset)
+                if os.pread(fa.fileno(), n, offset) != os.pread(fb.fileno(), n, offset):
+                    return False
+            end = max(end, stop)
+    return True
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@contextmanager
+def both_daemons(workdir: str, clients: int = 1) -> Iterator[dict[str, list[JobClient]]]:
+    """Both daemons started, CLIENTS clients connected to each (QSD: a monitor for each)."""
+    with ExitStack() as stack:
+        conns: dict[str, list[JobClient]] = {}
+        for name, argv_of in DAEMONS.items():
+            paths = [os.path.join(workdir, f"{name}-{i}.sock") for i in range(clients)]
+            # QSD warns on stderr about the target's cluster size on every backup.
+            quiet = subprocess.DEVNULL if name == "qemu-storage-daemon" else None
+            stack.enter_context(running(argv_of(paths), paths[0], stderr=quiet))
+            if name != "qemu-storage-daemon":
+                paths = [paths[0]] * clients  # qmpjobd takes them all on its one socket
+            conns[name] = [JobClient(path) for path in paths]
+            for conn in conns[name]:
+                stack.callback(conn.close)
+        yield conns
+
+
+@contextmanager
+def bench_dir(given: str | None) -> Iterator[str]:
+    """The --dir directory, or a fresh one under /var/tmp removed at the end."""
+    if given is not None:
+        yield given
+        return
+    workdir = tempfile.mkdtemp(prefix="qmpjobd-bench-", dir="/var/tmp")
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir)
+
+
+def write_random(path: str, size: int, extents: list[tuple[int, int]]) -> None:
+    """A SIZE-byte file with random data in EXTENTS (offset, length), holes elsewhere."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in extents:
+            f.seek(offset)
+            for done in range(0, length, 64 * MIB):
+                f.write(os.urandom(min(64 * MIB, length - done)))
+    os.sync()
+    with open(path, "rb") as f:  # warm the page cache
+        while f.read(64 * MIB):
+            pass
+
+
+def bench_copy(given: str | None, runs: int = 3) -> None:
+    with bench_dir(given) as workdir:
+        source, target = os.path.join(workdir, "source.raw"), os.path.join(workdir, "target.raw")
+        write_random(source, GIB, [(0, GIB)])
+        seconds: dict[str, list[float]] = {name: [] for name in DAEMONS}
+        with both_daemons(workdir) as conns:
+            # A round untimed first: this machine's first write of a GiB of fresh pages takes
+            # seconds more than later ones (dd too), whichever daemon writes it.
+            for repeat in range(runs + 1):  # interleaved: a change in load weighs on both alike
+                for name, (client,) in conns.items():
+                    fresh_target(target, GIB)
+                    result = finish_backup(client, start_backup(client, source, target))
+                    assert result is not None
+                    if not same_bytes(source, target):
+                        raise RuntimeError(f"{name}: the target differs from the source")
+                    if repeat:
+                        seconds[name].append(result)
+        os.remove(target)
+        os.remove(source)
+    print(f"copy: 1 GiB dense raw, blockdev-backup sync=full, warm cache, median of {runs} "
+          "after a warm-up round (targets verified)")
+    rates = {}
+    for name, times in seconds.items():
+        rates[name] = GIB / statistics.median(times) / 1e6
+        runs_s = " ".join(f"{t:.2f}" for t in times)
+        print(f"  {name:20} {rates[name]:7.0f} MB/s   runs {runs_s} s")
+    print(f"  ratio qmpjobd/QSD: {rates['qmpjobd'] / rates['qemu-storage-daemon']:.2f}x")
+
+
+def bench_sparse(given: str | None, runs: int = 3, qsd_timeout: float = 120.0) -> None:
+    size, count = 10 * GIB, 64
+    spread = size // count
+    with bench_dir(given) as workdir:
+        source, target = os.path.join(workdir, "source.raw"), os.path.join(workdir, "target.raw")
+        write_random(source, size, [(i * spread + (i * 37 % 128) * MIB, MIB)
+                                    for i in range(count)])
+        seconds: dict[str, list[float | None]] = {name: [] for name in DAEMONS}
+        kept: dict[str, list[int]] = {name: [] for name in DAEMONS}
+        with both_daemons(workdir) as conns:
+            for _ in range(runs):
+                for name, (client,) in conns.items():
+                    if None in seconds[name]:
+                        continue  # timed out once: no more runs
+                    fresh_target(target, size)
+                    timeout = qsd_timeout if name == "qemu-storage-daemon" else 600.0
+                    result = finish_backup(client, start_backup(client, source, target), timeout)
+                    seconds[name].append(result)
+                    if result is not None:
+                        if not same_bytes(source, target):
+                            raise RuntimeError(f"{name}: the target differs from the source")
+                        kept[name].append(allocated(target))
+        src_alloc = allocated(source)
+        os.remove(target)
+        os.remove(source)
+    print(f"sparse: 10 GiB raw, {count} x 1 MiB random data ({src_alloc / MIB:.0f} MiB "
+          f"allocated), backup sync=full to a sparse target, median of {runs} "
+          "(targets verified)")
+    medians = {}
+    for name, times in seconds.items():
+        if None in times:
+            print(f"  {name:20} exceeded {qsd_timeout:.0f} s (cancelled)")
+            continue
+        medians[name] = statistics.median(t for t in times if t is not None)
+        alloc = max(kept[name])
+        verdict = "holes kept" if alloc <= 2 * src_alloc else "holes filled"
+        runs_s = " ".join(f"{t:.2f}" for t in times if t is not None)
+        print(f"  {name:20} {medians[name]:7.2f} s   runs {runs_s} s; target allocated "
+              f"{alloc / MIB:.0f} MiB: {verdict}")
+    if len(medians) == 2:
+        ratio = medians["qmpjobd"] / medians["qemu-storage-daemon"]
+        print(f"  ratio qmpjobd/QSD time: {ratio:.3f}")
+
+
+def busy_samples(client: JobClient, other: JobClient, source: str, target: str,
+                 want: int) -> tuple[list[float], int]:
+    """query-jobs round trips (ms) on OTHER while backups run on CLIENT, backups repeated
+    (fresh target) until there are WANT samples; (samples, backups)."""
+    samples: list[float] = []
+    backups = 0
+    while len(samples) < want:
+        fresh_target(target, GIB)
+        start = start_backup(client, source, target)
+        backups += 1
+        while True:
+            t0 = time.perf_counter()
+            other.sock.sendall(QUERY)
+            while "event" in (reply := other.message()):  # events go to every monitor
+                pass
+            samples.append((time.perf_counter() - t0) * 1e3)
+            if not any(job["id"] == "j" and job["status"] in ("created", "running")
+                       for job in reply["return"]):
+                break
+        finish_backup(client, start)
+    return samples, backups
+
+
+def bench_busy(given: str | None, want: int = 200) -> None:
+    with bench_dir(given) as workdir:
+        source, target = os.path.join(workdir, "source.raw"), os.path.join(workdir, "target.raw")
+        write_random(source, GIB, [(0, GIB)])
+        results = {}
+        with both_daemons(workdir, clients=2) as conns:
+            for name, (client, other) in conns.items():
+                fresh_target(target, GIB)  # warm-up, untimed (as in copy)
+                finish_backup(client, start_backup(client, source, target))
+                results[name] = busy_samples(client, other, source, target, want)
+        os.remove(target)
+        os.remove(source)
+    print("busy: query-jobs round trips from a second client while a 1 GiB dense backup runs")
+    print(f"  {'daemon':20} {'p50':>8} {'p99':>8} {'max':>8}  samples (backups)")
+    p99 = {}
+    for name, (samples, backups) in results.items():
+        p99[name] = statistics.quantiles(samples, n=100)[98]
+        print(f"  {name:20} {statistics.median(samples):6.2f}ms {p99[name]:6.2f}ms "
+              f"{max(samples):6.2f}ms  {len(samples)} ({backups})")
+    print(f"  ratio qmpjobd/QSD p99: {p99['qmpjobd'] / p99['qemu-storage-daemon']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("what", choices=["protocol", "scale", "schema"])
+    parser.add_argument("what", choices=["protocol", "scale", "schema", "copy", "sparse", "busy"])
     parser.add_argument("--runs", type=int, default=10, help="for schema: runs per figure")
+    parser.add_argument("--dir", help="for copy, sparse, busy: where the image files go "
+                        "(default: a fresh directory under /var/tmp, removed at the end)")
     args = parser.parse_args()
     if args.what == "protocol":
         bench_protocol()
     elif args.what == "scale":
         bench_scale()
-    else:
+    elif args.what == "schema":
         bench_schema(args.runs)
+    elif args.what == "copy":
+        bench_copy(args.dir)
+    elif args.what == "sparse":
+        bench_sparse(args.dir)
+    else:
+        bench_busy(args.dir)
 
 
 if __name__ == "__main__":

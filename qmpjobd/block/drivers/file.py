@@ -124,6 +124,12 @@ class FileNode(Node):
     def take_write(self) -> None:
         """Take the write permission and refuse it to others; fails if another process (QEMU
         or qmpjobd) already writes this image."""
+        if self.direct and self.file_size % _DIRECT_ALIGN:
+            # O_DIRECT writes whole blocks: one that ends the file would grow it.
+            raise BlockError(
+                "Cannot get 'write' permission without 'resize': Image size is not a multiple "
+                "of request alignment"
+            )
         if not self.locking or self._writer_locked:
             return
         # Hold "I write" and "I refuse others writing" (shared read locks), then check that no
