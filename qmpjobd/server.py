@@ -263,6 +263,7 @@ class Server:
                 options.on_ready()
                 await self._quit.wait()
                 await self._stop_jobs()
+                await self.daemon.graph.close_all()
                 await self._flush_all()
                 nursery.cancel_scope.cancel()
         finally:

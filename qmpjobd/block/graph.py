@@ -7,6 +7,7 @@ this milestone is flat: every node is a root, and a `raw` node's `file` child is
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from ..jobs.errors import JobError
 if TYPE_CHECKING:
     from .drivers.base import Node
 
+log = logging.getLogger("qmpjobd.block")
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
@@ -74,3 +76,14 @@ class BlockGraph:
 
     def nodes(self) -> list[Node]:
         return list(self._nodes.values())
+
+    async def close_all(self) -> None:
+        """At exit, as QEMU does: flush every node, then close it. A flush that fails is
+        logged; the node is closed all the same."""
+        nodes, self._nodes = list(self._nodes.values()), {}
+        for node in nodes:
+            try:
+                await node.flush()
+            except OSError as e:
+                log.warning("flushing node %s at exit: %s", node.name, e.strerror)
+            await node.close()

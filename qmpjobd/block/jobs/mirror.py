@@ -54,9 +54,11 @@ class MirrorJob(BlockJob):
             self.progress_total = self.source.size
             await self._copy()
             # The bytes copied are charged at once; the job keeps its pace before READY. (A
-            # wake-up asked for while copying is spent: only one during the wait counts.)
+            # wake-up asked for while copying is spent: only one during the wait counts. A
+            # cancellation is not: it ends the job at once.)
             self._wake = trio.Event()
-            await self.sleep_ns(self.limit.delay_ns(0))
+            if not self.is_cancelled:
+                await self.sleep_ns(self.limit.delay_ns(0))
         await self.pause_point()
         self.transition("ready")
         self.on_ready()
