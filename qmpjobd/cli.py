@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import PACKAGE, QMP_API_VERSION, __version__
+from .limits import Limits
 from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ class Config:
     log_file: str | None = None
     schema: str = str(DEFAULT_SCHEMA)
     handler_modules: list[str] = field(default_factory=list)
-    output_limit: int | None = None
+    # The limits given on the command line (limits.py's field names), the rest default.
+    limits: dict[str, int] = field(default_factory=dict)
     # --blockdev options, in either of QEMU's forms: key=value,... or JSON.
     blockdevs: list[str] = field(default_factory=list)
 
@@ -147,8 +149,9 @@ def _argument_parser() -> argparse.ArgumentParser:
         help="detach once every socket listens (the parent exits 0 then)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--log", metavar="FILE", help="log here instead of to stderr")
-    add("--output-limit", type=int, metavar="BYTES",
-        help="disconnect a client whose unsent output exceeds this (default 8 MiB)")
+    for name, unit, what in _LIMIT_OPTIONS:
+        add(f"--{name.replace('_', '-')}", type=_positive, metavar=unit, dest=name,
+            help=f"{what} (default {getattr(Limits(), name)})")
     add("--version", action="version", version=f"qmpjobd {__version__} (QMP of QEMU "
         f"{'.'.join(map(str, QMP_API_VERSION))})")
     # For the test suite: another schema, and modules with handlers for its extra commands.
@@ -157,12 +160,30 @@ def _argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LIMIT_OPTIONS = [
+    ("output_limit", "BYTES", "disconnect a client whose unsent output exceeds this"),
+    ("input_budget", "BYTES", "input held for all clients together"),
+    ("output_budget", "BYTES", "unsent output of all clients together"),
+    ("max_clients", "N", "clients served at once"),
+    ("max_jobs", "N", "jobs in existence at once"),
+    ("max_nodes", "N", "block nodes at once"),
+]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_command_line(argv: list[str]) -> Config:
     args = _argument_parser().parse_args(argv)
     config = Config(
         pidfile=args.pidfile, daemonize=args.daemonize, log_level=args.log_level,
         log_file=args.log, schema=args.schema, handler_modules=args.handlers,
-        output_limit=args.output_limit,
+        limits={name: getattr(args, name) for name, _, _ in _LIMIT_OPTIONS
+                if getattr(args, name) is not None},
     )
     chardevs: dict[str, str | None] = {}
     for text in args.chardev:
@@ -265,6 +286,9 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
     dispatcher = Dispatcher(tables, registered_handlers(), check_replies=check)
     daemon = Daemon(tables)
+    limits = Limits(**config.limits)
+    daemon.jobs.max_jobs = limits.max_jobs
+    daemon.graph.max_nodes = limits.max_nodes
     for text in config.blockdevs:
         _add_blockdev(daemon, text)
     return daemon, dispatcher
@@ -376,8 +400,7 @@ def _serve(
         stdio=[m.pretty for m in config.monitors if m.path is None],
         on_ready=on_ready,
     )
-    if config.output_limit is not None:
-        options.output_limit = config.output_limit
+    options.limits = Limits(**config.limits)
     trio.run(Server(options, daemon, dispatcher).run)
     return 0
 def _fail(ready_pipe: int | None, message: str) -> int:

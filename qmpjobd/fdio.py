@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import stat
 
 import outcome
@@ -178,6 +179,18 @@ class FdChannel:
 
     async def wait_writable(self) -> None:
         await trio.lowlevel.wait_writable(self.write_fd)
+
+    def shutdown_write(self) -> None:
+        """Send end-of-file, still reading: a peer that has unread input of ours in flight
+        then sees our last words rather than a reset."""
+        if stat.S_ISSOCK(os.fstat(self.write_fd).st_mode):
+            sock = socket.socket(fileno=self.write_fd)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # gone already
+            finally:
+                sock.detach()
 
     def close(self) -> None:
         if self._hub is not None:

@@ -29,10 +29,11 @@ from .dispatch import Context, Daemon, Dispatcher
 from .events import Event
 from .fdio import FdChannel, ReadinessHub
 from .jobs.errors import JobError
+from .limits import Limits
 from .listen import unlink_socket
 from .qmp.errors import QmpError
 from .qmp.framing import JsonSplitter
-from .qmp.session import Session
+from .qmp.session import NO_ID, Session
 
 log = logging.getLogger("qmpjobd.server")
 
@@ -41,7 +42,8 @@ INBAND_QUEUE = 8
 RECEIVE_SIZE = 65536
 # How many reads a connection may serve back to back before it lets other tasks run.
 FAIR_READS = 8
-DEFAULT_OUTPUT_LIMIT = 8 * 1024 * 1024
+# How long a client that has been told why it is being closed may take to close its end.
+LINGER = 2.0
 # How long jobs get to end when the daemon shuts down.
 SHUTDOWN_GRACE = 5
 
@@ -64,9 +66,16 @@ class ServerOptions:
     greeted: list[tuple[socket.socket, int]] = field(default_factory=list)
     # stdin/stdout monitors (their pretty flags).
     stdio: list[bool] = field(default_factory=list)
-    output_limit: int = DEFAULT_OUTPUT_LIMIT
+    limits: Limits = field(default_factory=Limits)
     # Called once the server serves every monitor (pidfile, daemonize, "listening on").
     on_ready: Callable[[], None] = field(default=lambda: None)
+
+
+def tell(channel: FdChannel, last_words: bytes) -> None:
+    """Send a client LAST_WORDS (as much as the socket takes now) and end-of-file."""
+    with contextlib.suppress(OSError):
+        channel.write_now(last_words)
+    channel.shutdown_write()
 
 
 class Connection:
@@ -91,9 +100,12 @@ class Connection:
         self._drained = trio.Event()
         self._drained.set()
         self._closing = False
+        self._refused = False  # told why and closing: its input is dropped
         self._subscribed = False
         self._scope = trio.CancelScope()
-        self._inband_send: trio.MemorySendChannel[object] | None = None
+        self._inband_send: trio.MemorySendChannel[tuple[object, int]] | None = None
+        # Input bytes this client makes the daemon hold (its partial message, its queue).
+        self.input_held = 0
         self._inband_done = trio.Event()
 
     # -- output ----------------------------------------------------------------------------
@@ -115,12 +127,20 @@ class Connection:
             self._drained = trio.Event()
             self._blocked.set()
         self._output += data
-        if len(self._output) > self.server.options.output_limit:
+        self.server.output_held += len(data)
+        limit = self.server.options.limits.output_limit
+        if len(self._output) > limit:
             log.warning(
                 "%s: disconnecting: %d bytes of output unsent (limit %d); the client is not "
-                "reading", self.name, len(self._output), self.server.options.output_limit,
+                "reading", self.name, len(self._output), limit,
             )
             self.close()
+        elif self.server.output_held > self.server.options.limits.output_budget:
+            self.server.shed_output()
+
+    @property
+    def unsent(self) -> int:
+        return len(self._output)
 
     def deliver(self, event: Event) -> None:
         self.send(event.encoded(self.session.encode))
@@ -138,6 +158,7 @@ class Connection:
                     self.close()
                     return
                 del self._output[:written]
+                self.server.output_held -= written
             self._drained.set()
 
     async def drain(self) -> None:
@@ -146,9 +167,24 @@ class Connection:
 
     def close(self) -> None:
         self._closing = True
+        self.server.output_held -= len(self._output)
         self._output.clear()
         self._drained.set()
         self._scope.cancel()
+
+    def refuse(self, why: str) -> None:
+        """Tell the client WHY in one error, then close: its input is read and dropped from
+        now on (nothing it sent is served) until it closes too, or LINGER seconds pass, so
+        that the error is not lost to a reset."""
+        if self._closing:
+            return
+        tell(self.channel, self.session.error_reply(NO_ID, QmpError("GenericError", why)))
+        self._refused = True
+        self._closing = True
+        self.server.output_held -= len(self._output)
+        self._output.clear()
+        self._drained.set()
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + LINGER)
 
     # -- input -----------------------------------------------------------------------------
 
@@ -186,22 +222,49 @@ class Connection:
                 # A client that keeps input coming must not starve the others.
                 await trio.lowlevel.checkpoint()
                 unyielding = 0
-            for item in self.splitter.feed(data):
+            if self._refused:
+                continue
+            before = self.splitter.buffered
+            items = self.splitter.feed(data)
+            after = self.splitter.buffered
+            self._hold(after - before)
+            # The bytes the messages took, shared out among them: a queued request holds its
+            # share until it has been served.
+            share = (before + len(data) - after) // max(len(items), 1)
+            for item in items:
+                if self._refused:
+                    break
                 if self._inband_send is not None and not Session.is_oob(item):
-                    await self._inband_send.send(item)
+                    self._hold(share)
+                    await self._inband_send.send((item, share))
                 else:
                     await self._handle(item)
                     if self.session.oob_enabled and self._inband_send is None:
                         self._start_inband_queue(nursery)
 
+    def _hold(self, n: int) -> None:
+        """Count N more bytes of input held (negative: released), against the budget."""
+        self.input_held += n
+        server = self.server
+        server.input_held += n
+        if n > 0 and server.input_held > server.options.limits.input_budget:
+            server.shed_input()
+
+    def release_input(self) -> None:
+        """The connection ends: what it held is free."""
+        self.server.input_held -= self.input_held
+        self.input_held = 0
+
     def _start_inband_queue(self, nursery: trio.Nursery) -> None:
         # Capacity INBAND_QUEUE - 1 plus the request being served: at most INBAND_QUEUE wait.
-        send, receive = trio.open_memory_channel[object](INBAND_QUEUE - 1)
+        send, receive = trio.open_memory_channel[tuple[object, int]](INBAND_QUEUE - 1)
         self._inband_send = send
 
         async def serve_queue() -> None:
-            async for item in receive:
-                await self._handle(item)
+            async for item, share in receive:
+                self._hold(-share)
+                if not self._refused:
+                    await self._handle(item)
             self._inband_done.set()
 
         nursery.start_soon(serve_queue)
@@ -236,6 +299,9 @@ class Server:
         self.connections: set[Connection] = set()
         self._quit = trio.Event()
         self._counter = 0
+        # Across all connections: input held, output unsent (limits.py's budgets).
+        self.input_held = 0
+        self.output_held = 0
         self.hub = ReadinessHub()
         daemon.quit_requested = self._quit.set
 
@@ -314,10 +380,40 @@ class Server:
         channel = FdChannel(read_fd, write_fd, (read_fd, write_fd), self.hub)
         await self._serve(channel, pretty, "stdio")
 
+    def shed_input(self) -> None:
+        """Over the input budget: the client holding the most input is told and closed."""
+        hog = max(self.connections, key=lambda c: c.input_held)
+        log.warning("%s: disconnecting: it holds %d bytes of input and all clients together "
+                    "more than the budget (%d)", hog.name, hog.input_held,
+                    self.options.limits.input_budget)
+        hog.refuse("The daemon's input budget is exhausted; closing the connection that "
+                   "holds the most")
+        hog.release_input()
+
+    def shed_output(self) -> None:
+        """Over the output budget: the client with the most unsent output is disconnected."""
+        hog = max(self.connections, key=lambda c: c.unsent)
+        log.warning("%s: disconnecting: %d bytes of output unsent, all clients together more "
+                    "than the budget (%d)", hog.name, hog.unsent,
+                    self.options.limits.output_budget)
+        hog.close()
+
     async def _serve(
         self, channel: FdChannel, pretty: bool, name: str, greeted: bool = False
     ) -> None:
         connection = Connection(self, channel, pretty, name, greeted)
+        limit = self.options.limits.max_clients
+        if len(self.connections) >= limit:
+            log.warning("%s: refused: %d clients already (the limit)", name, limit)
+            why = QmpError("GenericError", f"Too many clients: the daemon serves at most "
+                           f"{limit} at once")
+            tell(channel, connection.session.error_reply(NO_ID, why))
+            with trio.move_on_after(LINGER):
+                while (data := channel.read_now(RECEIVE_SIZE)) != b"":
+                    if data is None:
+                        await channel.wait_readable()
+            channel.close()
+            return
         self.connections.add(connection)
         log.debug("%s: connected", name)
         try:
@@ -327,6 +423,7 @@ class Server:
             log.exception("%s: connection failed", name)
         finally:
             connection.unsubscribe()
+            connection.release_input()
             self.connections.discard(connection)
             channel.close()
             log.debug("%s: disconnected", name)

@@ -29,8 +29,16 @@ class DeviceNotFound(BlockError):
 
 
 class BlockGraph:
-    def __init__(self) -> None:
+    def __init__(self, max_nodes: int = 65536) -> None:
         self._nodes: dict[str, Node] = {}
+        self.max_nodes = max_nodes  # limits.py
+
+    def check_room(self, count: int) -> None:
+        """Whether COUNT more nodes fit under the limit."""
+        if len(self._nodes) + count > self.max_nodes:
+            raise BlockError(
+                f"Too many block nodes: the daemon holds at most {self.max_nodes}"
+            )
 
     def check_new_name(self, name: str) -> None:
         if not _NODE_NAME.match(name):
@@ -42,6 +50,7 @@ class BlockGraph:
         """Register NODE and, if it has one, its inline child; a child gains NODE as parent."""
         self.check_new_name(node.name)
         child = node.child
+        self.check_room(2 if child is not None and not child.monitor_owned else 1)
         if child is not None:
             if not child.monitor_owned:
                 if not child.name.startswith("#"):  # generated names are valid by making

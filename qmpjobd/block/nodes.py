@@ -45,6 +45,7 @@ async def open_node(graph: BlockGraph, options: dict[str, Any]) -> Node:
     if name is None:
         raise BlockError("'node-name' must be specified for the root node")
     graph.check_new_name(name)
+    graph.check_room(2 if isinstance(options.get("file"), dict) else 1)  # an inline child too
     return await _open(graph, name, options, {})
 
 

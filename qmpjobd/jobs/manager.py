@@ -18,8 +18,9 @@ _WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
 class JobManager:
-    def __init__(self) -> None:
+    def __init__(self, max_jobs: int = 65536) -> None:
         self._jobs: dict[str, Job] = {}  # creation order
+        self.max_jobs = max_jobs  # limits.py
 
     def _live(self) -> dict[str, Job]:
         # Dismissed jobs (status null) leave the registry the next time anyone looks.
@@ -32,6 +33,10 @@ class JobManager:
             raise JobError(f"Invalid job ID '{job_id}'")
         if job_id in self._live():
             raise JobError(f"Job ID '{job_id}' already in use")
+        if len(self._jobs) >= self.max_jobs:
+            raise JobError(
+                f"Too many jobs: the daemon holds at most {self.max_jobs}; dismiss some first"
+            )
 
     def add(self, job: Job) -> None:
         self.check_new_id(job.id)
