@@ -382,7 +382,10 @@ def test_drive_mirror_target_listed(sides: list[Side]) -> None:
         side.wait_job("j", "ready")
     nodes = same_nodes(sides)
     assert [node["drv"] for node in nodes] == ["raw", "file", "file"]
+    # A node added now is newer than the job's target nodes: listed before them.
+    run(sides, add(driver="null-co", **{"node-name": "late"}))
+    assert [node["drv"] for node in same_nodes(sides)] == ["null-co", "raw", "file", "file"]
     run(sides, ("job-complete", {"id": "j"}))
     for side in sides:
         side.wait_job("j", "null")
-    assert names(same_nodes(sides)) == ["src"]
+    assert names(same_nodes(sides)) == ["late", "src"]

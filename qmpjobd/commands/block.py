@@ -508,9 +508,8 @@ async def query_named_block_nodes(
     ctx: Context, *, flat: bool | None = None
 ) -> list[dict[str, Any]]:
     # `flat` only leaves out the images' backing chains, and no node here has a backing file.
-    # QEMU lists nodes newest first, a parent before the inline child it opened first. The
-    # drive-* targets it lists too (their raw node over their file) until their job concludes;
-    # they are taken as newer than every monitor node (qmpjobd's nodes have no creation order).
+    # QEMU lists nodes newest first (a parent is made after the inline child it opened), the
+    # drive-* targets too (their raw node over their file) until their job concludes.
     internal: list[Node] = []
     detect_zeroes: dict[Node, str] = {}
     for file, job in reversed(_internal_files.items()):
@@ -520,7 +519,7 @@ async def query_named_block_nodes(
         internal += [top, file] if top is not file else [file]
         if job is not None and job.job_type == "backup":
             detect_zeroes[top] = "unmap"  # drive-backup opens its target so
-    nodes = internal + list(reversed(ctx.graph.nodes()))
+    nodes = sorted(internal + ctx.graph.nodes(), key=lambda node: node.serial, reverse=True)
     return await named_block_nodes(nodes, ctx.jobs.jobs(), detect_zeroes)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from ..graph import BlockError
+
+_serials = itertools.count()
 
 
 class Node:
@@ -12,6 +15,7 @@ class Node:
 
     def __init__(self, name: str, size: int, read_only: bool = False) -> None:
         self.name = name
+        self.serial = next(_serials)  # creation order: query-named-block-nodes lists by it
         self.size = size
         self.read_only = read_only
         # The kind of the job writing this node ('backup', 'mirror'), and of those reading it.
