@@ -20,6 +20,7 @@ import trio
 
 from .drivers.base import Node
 from .drivers.file import FileNode
+from .drivers.raw import RawNode
 
 # Per copy_file_range call: large enough that a call costs little, small enough that the
 # progress of a failing copy is known to within one piece.
@@ -46,10 +47,10 @@ def _host_file(node: Node) -> tuple[FileNode, int] | None:
     """The host file NODE's bytes live in, and where in it they start; None for null-co."""
     shift = 0
     while not isinstance(node, FileNode):
-        if node.driver != "raw" or node.child is None:
+        if not isinstance(node, RawNode):
             return None
-        shift += getattr(node, "offset", 0)
-        node = node.child
+        shift += node.offset
+        node = node.file
     return node, shift
 
 
