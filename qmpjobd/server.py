@@ -244,6 +244,8 @@ class Connection:
 
     def _hold(self, n: int) -> None:
         """Count N more bytes of input held (negative: released), against the budget."""
+        if self._refused:
+            return  # all it held was released when it was refused
         self.input_held += n
         server = self.server
         server.input_held += n
