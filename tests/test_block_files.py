@@ -149,6 +149,10 @@ def test_file_nodes(sides: list[Side]) -> None:
             **{"detect-zeroes": "unmap"}, aio="native")),
         ("blockdev-add", file_opts("f7", "DIR/b.img", aio="threads", **{"detect-zeroes": "on"})),
         ("blockdev-add", file_opts("f8", "DIR/b.img", **{"auto-read-only": True})),
+        ("blockdev-add", file_opts("n" * 31, "DIR/b.img", locking="off")),
+        ("blockdev-add", file_opts("n" * 32, "DIR/b.img", locking="off")),
+        ("blockdev-add", file_opts("n" * 31, "DIR/nope.img")),
+        ("blockdev-del", {"node-name": "n" * 31}),
         *[("blockdev-del", {"node-name": n}) for n in ("f1", "f2", "f3", "f4", "f5", "f6", "f7",
                                                         "f8", "f1", "n1")],
     ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -395,3 +396,24 @@ def test_oob_queue_is_answered_at_end_of_input(ours: DaemonProcess) -> None:
     with pytest.raises(ConnectionError):
         conn.receive()
     conn.close()
+
+
+def test_a_large_message_does_not_stall_other_clients(ours: DaemonProcess) -> None:
+    """512 KiB of small tokens, sent in pieces, takes QEMU's lexer (ours, in Python) about a
+    second; it is parsed in a worker thread, so another client's requests are answered
+    meanwhile, before the large one's reply."""
+    big = raw(ours)
+    big.execute("qmp_capabilities")
+    bystander = raw(ours)
+    bystander.execute("qmp_capabilities")
+    message = b'{"execute": "query-jobs", "arguments": {"a": [' + b"1," * (1 << 18) + b'1]}}\n'
+    big.sock.sendall(message)
+    for _ in range(20):
+        assert bystander.execute("query-jobs") == {"return": []}
+    # Had the loop parsed it inline, the 20 replies could not have come first: the large
+    # message must still be in progress, its reply not yet sent.
+    readable, _, _ = select.select([big.sock], [], [], 0)
+    assert not readable
+    assert big.receive()["error"]["desc"] == "Parameter 'a' is unexpected"
+    big.close()
+    bystander.close()

@@ -45,6 +45,8 @@ class BlockGraph:
             raise BlockError(f"Invalid node-name: '{name}'")
         if name in self._nodes:
             raise BlockError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) >= 32:  # QEMU keeps node names in 32-byte buffers
+            raise BlockError("Node name too long")
 
     def add(self, node: Node) -> None:
         """Register NODE and, if it has one, its inline child; a child gains NODE as parent."""

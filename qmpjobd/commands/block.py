@@ -193,7 +193,8 @@ async def blockdev_mirror(
 
 def _block_job(ctx: Context, device: str) -> BlockJob:
     job = ctx.jobs.find_block(device)
-    assert isinstance(job, BlockJob)
+    if not isinstance(job, BlockJob):  # blockdev-create's: QEMU's block_job_get() skips it
+        raise QmpError("DeviceNotActive", f"Block job '{device}' not found")
     return job
 
 
