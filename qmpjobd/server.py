@@ -42,6 +42,9 @@ INBAND_QUEUE = 8
 RECEIVE_SIZE = 65536
 # How many reads a connection may serve back to back before it lets other tasks run.
 FAIR_READS = 8
+# How many requests of one read a connection may serve back to back before it lets other tasks
+# run: a read of 64 KiB holds thousands.
+FAIR_COMMANDS = 8
 # Input of more bytes than this (with the message it continues) is parsed in a worker thread,
 # at most PARSE_THREADS at a time; a smaller message parses in tens of microseconds inline.
 PARSE_INLINE_MAX = 4096
@@ -242,9 +245,9 @@ class Connection:
             # The bytes the messages took, shared out among them: a queued request holds its
             # share until it has been served.
             share = (before + len(data) - after) // max(len(items), 1)
-            for item in items:
-                if self._refused:
-                    break
+            for served, item in enumerate(items, 1):
+                if self._closing:
+                    break  # cut off or refused: nothing it sent is served any more
                 if self._inband_send is not None and not Session.is_oob(item):
                     self._hold(share)
                     await self._inband_send.send((item, share))
@@ -252,6 +255,9 @@ class Connection:
                     await self._handle(item)
                     if self.session.oob_enabled and self._inband_send is None:
                         self._start_inband_queue(nursery)
+                    if served % FAIR_COMMANDS == 0:
+                        # A client that pipelines many requests must not starve the others.
+                        await trio.lowlevel.checkpoint()
 
     def _hold(self, n: int) -> None:
         """Count N more bytes of input held (negative: released), against the budget."""
