@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import resource
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qmpjobd: {exc}", file=sys.stderr)
         return 2
     _setup_logging(config)
+    _raise_descriptor_limit()
     ready_pipe = _daemonize() if config.daemonize else None
     sockets = [m for m in config.monitors if m.path is not None]
     bound: list[tuple[socket.socket, MonitorSpec]] = []
@@ -357,6 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         _unbind(bound)
         if config.pidfile:
             Path(config.pidfile).unlink(missing_ok=True)
+
+
+def _raise_descriptor_limit() -> None:
+    """Every client, image and worker takes a descriptor: take all the system allows (the
+    soft limit is often 1024, as many as --max-clients by default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _unbind(bound: list[tuple[socket.socket, MonitorSpec]]) -> None:

@@ -16,6 +16,7 @@ channel hop). Once a client enables oob, in-band commands go to a queue of at mo
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -49,6 +50,9 @@ FAIR_COMMANDS = 8
 # at most PARSE_THREADS at a time; a smaller message parses in tens of microseconds inline.
 PARSE_INLINE_MAX = 4096
 PARSE_THREADS = 4
+# accept() errors that say the daemon is out of something, for now, and how long to wait then.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY = 0.1
 # How long a client that has been told why it is being closed may take to close its end.
 LINGER = 2.0
 # How long jobs get to end when the daemon shuts down.
@@ -390,7 +394,16 @@ class Server:
     async def _accept_loop(self, listener: trio.SocketListener, path: str, pretty: bool) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    # Out of descriptors (or memory): the client waits in the backlog until
+                    # one that is served leaves. Retrying at once would spin.
+                    log.warning("%s: cannot accept a client now: %s", path, exc.strerror)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
                 fd = stream.socket.detach()  # the connection owns the fd from here on
                 channel = FdChannel(fd, fd, (fd,), self.hub)
                 nursery.start_soon(self._serve, channel, pretty, self._name(path))

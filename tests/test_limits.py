@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
+from tests.test_hostile_clients import wait_for_log
 from tests.test_server import TEST_SCHEMA, daemon_env
 
 WAIT = 30.0
@@ -181,3 +182,30 @@ def test_node_limit(start: object) -> None:
         assert conn.execute("blockdev-add", _node("d")) == too_many
         assert conn.execute("blockdev-del", {"node-name": "a"}) == {"return": {}}
         assert conn.execute("blockdev-add", _node("d")) == {"return": {}}
+
+
+def test_out_of_descriptors_waits_for_a_client_to_leave(tmp_path: Path) -> None:
+    """With the process's descriptor limit at 64, clients past it wait in the listen backlog
+    (accept fails with EMFILE: the daemon logs it and retries) and are served as soon as
+    others leave; the daemon never falls over."""
+    program = ["prlimit", "--nofile=64:64", *QMPJOBD]
+    log = tmp_path / "qmpjobd.log"
+    with DaemonProcess.start(tmp_path, "--log", str(log), program=program,
+                             env=daemon_env()) as daemon:
+        socks = []
+        for _ in range(80):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(daemon.socket_path))  # into the backlog at worst
+            sock.settimeout(WAIT)
+            socks.append(sock)
+        wait_for_log(log, lambda text: "cannot accept a client now" in text)
+        # The first ones were accepted (the backlog is first come, first served): leaving,
+        # they make room; then every other client is greeted in turn as the one before leaves.
+        for sock in socks[:20]:
+            sock.close()
+        for sock in socks[20:]:
+            assert json.loads(sock.makefile("rb").readline())["QMP"]
+            sock.close()
+        with daemon.connect() as conn:
+            assert conn.execute("query-jobs") == {"return": []}
+    assert "cannot accept a client now: Too many open files" in log.read_text()
