@@ -139,6 +139,22 @@ def test_blockdev_create_file(both_sides: list[Side]) -> None:
         assert (side.dir / "meta.img").exists()
 
 
+@pytest.mark.parametrize("verb", ["job-cancel", "job-pause"])
+def test_verbs_on_a_create_job_reply_at_once(both_sides: list[Side], verb: str) -> None:
+    """A create job writing its preallocation in a worker thread cannot act until that returns;
+    a verb sent meanwhile is answered first, as in QSD, not held until the file is made. (QSD
+    cancels it once the write is done; a pause has no effect on a create job.)"""
+    r = Run(both_sides)
+    r.cmd("blockdev-create", create("big", "DIR/big.img", 256 * MiB, preallocation="full"))
+    r.cmd(verb, {"id": "big"})
+    for events in r.events:
+        assert [e for e in events["big"] if "aborting" in e or "waiting" in e] == []
+    r.wait("big", "concluded")
+    r.cmd("job-dismiss", {"id": "big"})
+    r.wait("big", "null")
+    r.check_events()
+
+
 def test_block_stream_without_backing(both_sides: list[Side]) -> None:
     r = Run(both_sides)
     for side in r.sides:

@@ -89,6 +89,7 @@ class Job:
         # that tells of its next real wait.
         self._running = False
         self._stopped = trio.Event()
+        self._in_io = False  # between io_begin and io_end
 
     # -- status --------------------------------------------------------------------------
 
@@ -105,11 +106,16 @@ class Job:
 
     async def settle(self) -> None:
         """Wait until the job has acted on what was just asked of it (pause, resume, cancel),
-        so that the events it causes go out before the command's reply, as in QEMU."""
-        while not self.work_done and not self.finished and not self._settled():
+        so that the events it causes go out before the command's reply, as in QEMU. A job
+        waiting for I/O in a worker thread acts only once that returns: as in QEMU, whose
+        coroutine is then parked, the reply goes out first."""
+        while (
+            not self.work_done and not self.finished and not self._settled()
+            and not self._in_io
+        ):
             await self.changed()
         if self.is_cancelled:
-            while not self.finished:
+            while not self.finished and not self._in_io:
                 await self.changed()
 
     def _settled(self) -> bool:
@@ -153,9 +159,12 @@ class Job:
     def io_begin(self) -> None:
         """The job waits for I/O (in a worker thread): for the commands waiting on it, that
         is a real wait, as QEMU's coroutine yields there."""
+        self._in_io = True
         self._blocked()
+        self._poke()  # a command settling on the job no longer waits for it
 
     def io_end(self) -> None:
+        self._in_io = False
         self._running = True
 
     async def run_until_blocked(self) -> None:
