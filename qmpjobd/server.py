@@ -5,7 +5,9 @@ session (qmp.session) and the dispatcher, and a writer task, which drains the co
 output buffer. Replies and events are appended to that buffer in the order they are produced,
 so events a command causes precede its reply. Nothing a connection does can block another: a
 client whose unsent output passes `output_limit` bytes is disconnected (and the log says why);
-events are never dropped for a client that stays connected.
+events are never dropped for a client that stays connected. A pipelining client yields after
+every few requests, a large message is parsed in a worker thread, and the daemon-wide budgets
+and counts of limits.py are enforced here (the client over one is told, then closed).
 
 Without oob, a connection's commands run one at a time, in order, inline in its reader task (no
 channel hop). Once a client enables oob, in-band commands go to a queue of at most

@@ -590,7 +590,7 @@ def run_protocol(args: argparse.Namespace) -> int:
     # edge of the instrumented modules in WORKDIR/corpus, so replaying that corpus (and the
     # seeds and failures) under coverage.py at the end reaches exactly the branches the run
     # reached, in a fresh process with uninstrumented code.
-    cov = start_coverage() if engine == "random" else None
+    cov = start_coverage() if engine == "random" and not args.no_coverage else None
     if engine == "atheris":
         import atheris
 
@@ -623,7 +623,7 @@ def run_protocol(args: argparse.Namespace) -> int:
         if cov is not None:
             cov.stop()
             return stats.report(coverage_summary(cov, workdir))
-        paths = [workdir / "corpus", CORPUS]
+        paths = [p for p in (workdir / "corpus", CORPUS, *args.paths) if p.exists()]
         if stats.failures_dir.is_dir():
             paths.append(stats.failures_dir)
         replay = workdir / "replay"
@@ -671,7 +671,8 @@ def run_protocol(args: argparse.Namespace) -> int:
 
     # The fallback: seeded random mutation of the corpus, plus pure random bytes.
     rng = random.Random(args.seed)
-    seeds = [seed[: args.max_len] for seed in seed_files(CORPUS)]  # as libFuzzer does
+    # Seeds: the corpus, and PATHS (say, a coverage-guided run's corpus/ to mutate further).
+    seeds = [seed[: args.max_len] for seed in seed_files(CORPUS, *args.paths)]
     for seed in seeds:
         if stats.inputs >= limit:
             break
@@ -1463,7 +1464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("mode", choices=["protocol", "live", "record", "replay"])
     parser.add_argument("paths", nargs="*", type=Path,
-                        help="replay mode: inputs to check (files or directories)")
+                        help="replay mode: inputs to check; protocol mode: more seed inputs "
+                             "(files or directories)")
     parser.add_argument("-n", "--inputs", type=int, default=100_000, help="inputs to try")
     parser.add_argument("--time", type=float, default=0, help="stop after this many seconds")
     parser.add_argument("--seed", type=int, default=1)
@@ -1474,7 +1476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=2048, help="largest input, in bytes")
     parser.add_argument("--timeout", type=float, default=10, help="per-input time limit (s)")
     parser.add_argument("--no-coverage", action="store_true",
-                        help="live mode: do not run the daemon under coverage.py")
+                        help="live mode: do not run the daemon under coverage.py; protocol "
+                             "mode, random engine: no tracing during the run (8x faster), the "
+                             "coverage is measured by replaying the seeds and PATHS at the end")
     parser.add_argument("--no-qsd", action="store_true",
                         help="record mode: only write the hand-written edge cases")
     args = parser.parse_intermixed_args(argv)
