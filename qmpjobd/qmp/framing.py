@@ -357,6 +357,10 @@ _LEXES: Final = (
 _ZERO_EXPONENT: Final = re.compile(rb"[:,\[ \t\r\n]-?0[eE]")
 _FAST_DEPTH: Final = 8
 _FAST_WAITS: Final = 8  # feeds a fast candidate may stay incomplete before _slow takes over
+# The longest incomplete candidate that waits for the rest: each wait scans it again with one
+# regular-expression call, which holds the GIL throughout (a daemon thread parsing a large
+# message would stall the event loop). Larger messages take the faithful path as they come.
+_FAST_PENDING_MAX: Final = 1 << 16
 _DIGITS_TO_ZERO: Final = bytes(0x30 if 0x30 <= ch <= 0x39 else 0x20 for ch in range(256))
 _WS_RUN: Final = re.compile(_WS)
 _STRING_OR_CUT: Final = re.compile(rb'"(?:[^"\\]|\\.)*+\\?(?:"|\Z)', re.DOTALL)
@@ -539,7 +543,7 @@ class JsonSplitter:
             if (
                 prefix is not None
                 and self._waits < _FAST_WAITS
-                and n - pos <= self._fast_len
+                and n - pos <= min(self._fast_len, _FAST_PENDING_MAX)
                 and prefix.match(buf, pos) is not None
                 and _closers_pair_up(buf[pos:])
             ):
