@@ -110,8 +110,12 @@ def _subst(value: Any, directory: str) -> Any:
 
 def write_files(side: Side, files: dict[str, bytes | int]) -> None:
     """Bytes, or a size for a sparse file of that size."""
+    make_files(side.dir, files)
+
+
+def make_files(directory: Path, files: dict[str, bytes | int]) -> None:
     for name, content in files.items():
-        path = side.dir / name
+        path = directory / name
         if isinstance(content, int):
             with open(path, "wb") as f:
                 f.truncate(content)
@@ -244,6 +248,12 @@ def copy(side: Side, kind: str, chunk: int, job: str) -> None:
             "job-id": job, "device": "src", "target": "dst", "sync": "full",
             "buf-size": chunk})
         assert reply == {"return": {}}, reply
+    finish_copy(side, kind, job)
+
+
+def finish_copy(side: Side, kind: str, job: str) -> None:
+    """Wait for the copy JOB to end well (a mirror completed once ready); delete its nodes."""
+    if kind == "mirror":
         side.wait_event("BLOCK_JOB_READY", job)
         assert side.cmd("job-complete", {"id": job}) == {"return": {}}
     completed = side.wait_event("BLOCK_JOB_COMPLETED", job)
@@ -353,13 +363,7 @@ def test_direct_io_copy(
         job = f"direct{n}"
         args = {"job-id": job, "device": "src", "target": "dst", "sync": "full"}
         assert side.cmd(f"blockdev-{kind}", args) == {"return": {}}
-        if kind == "mirror":
-            side.wait_event("BLOCK_JOB_READY", job)
-            assert side.cmd("job-complete", {"id": job}) == {"return": {}}
-        completed = side.wait_event("BLOCK_JOB_COMPLETED", job)
-        assert "error" not in completed["data"], completed
-        for node in ("dst", "src"):
-            assert side.cmd("blockdev-del", {"node-name": node}) == {"return": {}}
+        finish_copy(side, kind, job)
     results = [(s.dir / "dst.img").read_bytes() for s in sides]
     assert results[0] == results[1] == (sides[0].dir / "src.img").read_bytes()
 

@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import missing
 from tests.daemons import QMPJOBD, QSD, DaemonProcess, QmpConnection
+from tests.test_block_files import make_files
 from tests.test_server import daemon_env
 
 WAIT = 30.0
@@ -136,13 +137,7 @@ def _lines(nodes: list[dict[str, Any]]) -> list[str]:
 def write(sides: list[Side], files: dict[str, bytes | int]) -> None:
     """The same files on both sides: bytes, or a size for a sparse file of that size."""
     for side in sides:
-        for name, content in files.items():
-            path = side.dir / name
-            if isinstance(content, int):
-                with open(path, "wb") as f:
-                    f.truncate(content)
-            else:
-                path.write_bytes(content)
+        make_files(side.dir, files)
 
 
 def add(**options: Any) -> tuple[str, dict[str, Any]]:
