@@ -677,7 +677,11 @@ def run_protocol(args: argparse.Namespace) -> int:
         if stats.inputs >= limit:
             break
         one(seed)
-    while stats.inputs < limit and time.monotonic() < deadline:
+    # SIGTERM or SIGINT ends the run after the current input, with its report.
+    stop: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stop.append(number))
+    while stats.inputs < limit and time.monotonic() < deadline and not stop:
         if rng.random() < 0.05:
             data = rng.randbytes(rng.randrange(0, 64))
         else:
