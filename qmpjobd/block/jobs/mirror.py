@@ -81,13 +81,15 @@ class MirrorJob(BlockJob):
             batch = [todo.pop() for _ in range(min(in_flight, len(todo)))]
             failures: list[tuple[int, int, CopyFailed]] = []
             self.io_begin()
-            if len(batch) == 1:
-                await self._request(*batch[0], failures)
-            else:
-                async with trio.open_nursery() as nursery:
-                    for offset, length in batch:
-                        nursery.start_soon(self._request, offset, length, failures)
-            self.io_end()
+            try:
+                if len(batch) == 1:
+                    await self._request(*batch[0], failures)
+                else:
+                    async with trio.open_nursery() as nursery:
+                        for offset, length in batch:
+                            nursery.start_soon(self._request, offset, length, failures)
+            finally:
+                self.io_end()
             if not failures:
                 continue
             actions = [self.io_failed(failure) for _, _, failure in failures]
