@@ -3,7 +3,9 @@
 Every system call that may wait on a disk runs in a worker thread, never on the event loop.
 Holes are kept: a read of a range the file has no data in returns None, and a write of zeroes
 punches a hole (or does nothing where there is one already), so a copy of a sparse image stays
-sparse. QSD fills them; the bytes are the same (docs/compat.md).
+sparse. QSD fills them; the bytes are the same (docs/compat.md). With cache.direct the file is
+opened O_DIRECT and read and written through page-aligned buffers. Copies between two files do
+not come through here but through os.copy_file_range (../datapath.py).
 """
 
 from __future__ import annotations
