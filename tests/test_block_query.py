@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import missing
 from tests.daemons import QMPJOBD, QSD, DaemonProcess, QmpConnection
-from tests.test_block_files import make_files
+from tests.test_block_files import _subst, make_files
 from tests.test_server import daemon_env
 
 WAIT = 30.0
@@ -90,13 +90,6 @@ def sides(tmp_path: Path) -> Iterator[list[Side]]:
             for side in out:
                 side.conn.close()
 
-
-def _subst(value: Any, directory: str) -> Any:
-    if isinstance(value, str):
-        return value.replace("DIR", directory)
-    if isinstance(value, dict):
-        return {k: _subst(v, directory) for k, v in value.items()}
-    return value
 
 
 def _normalise(value: Any, directory: str) -> Any:
