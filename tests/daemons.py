@@ -7,6 +7,7 @@ synchronisation point: no polling for the socket to appear.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -144,3 +145,22 @@ class DaemonProcess:
 
 
 QsdProcess = DaemonProcess  # the reference, started with the default program
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    """The environment qmpjobd runs in under test: this checkout, every reply checked."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(_REPO)
+    env["QMPJOBD_CHECK_REPLIES"] = "1"  # every reply is checked against its schema type
+    env.update(extra)
+    return env
+
+
+def start_qmpjobd(workdir: Path, *extra: str) -> contextlib.AbstractContextManager[DaemonProcess]:
+    """qmpjobd with its product schema, logging to WORKDIR/qmpjobd.log."""
+    return DaemonProcess.start(
+        workdir, "--log", str(workdir / "qmpjobd.log"), *extra, program=QMPJOBD,
+        env=daemon_env(),
+    )

@@ -40,8 +40,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
-from tests.test_server import daemon_env
+from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection, daemon_env
 
 MiB = 1 << 20
 WAIT = 30.0

@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
-from tests.test_server import daemon_env
+from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection, daemon_env, start_qmpjobd
 
 WAIT = 30.0
 MiB = 1 << 20
@@ -56,10 +55,7 @@ class Side:
 def daemons(
     qsd: DaemonProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    workdir = tmp_path_factory.mktemp("qmpjobd")
-    with DaemonProcess.start(
-        workdir, "--log", str(workdir / "qmpjobd.log"), program=QMPJOBD, env=daemon_env()
-    ) as ours:
+    with start_qmpjobd(tmp_path_factory.mktemp("qmpjobd")) as ours:
         yield qsd, ours
 
 

@@ -24,9 +24,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import missing
-from tests.daemons import QMPJOBD, QSD, DaemonProcess, QmpConnection
+from tests.daemons import QMPJOBD, QSD, DaemonProcess, QmpConnection, daemon_env
 from tests.test_block_files import _subst, make_files
-from tests.test_server import daemon_env
 
 WAIT = 30.0
 MiB = 1 << 20

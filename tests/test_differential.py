@@ -25,7 +25,6 @@ import re
 import shutil
 import socket
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,8 @@ from qmpjobd.cli import SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.tables import build_tables
 from tests.conftest import SCHEMA, missing
-from tests.daemons import QMPJOBD, QSD, DaemonProcess, QmpConnection
+from tests.daemons import QSD, DaemonProcess, QmpConnection, start_qmpjobd
 from tests.schema_shape import SUBSETTED, shape, subset_paths
-from tests.test_server import daemon_env
 
 TABLES = build_tables(load_schema(str(SCHEMA)), SCHEMA_DEFINES)
 
@@ -212,12 +210,6 @@ def play(daemon: DaemonProcess, conversation: Conversation) -> Transcript:
 
 
 # -- the daemons -------------------------------------------------------------------------------
-
-
-def start_qmpjobd(workdir: Path) -> AbstractContextManager[DaemonProcess]:
-    return DaemonProcess.start(
-        workdir, "--log", str(workdir / "qmpjobd.log"), program=QMPJOBD, env=daemon_env()
-    )
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,8 @@ from typing import Any
 import pytest
 
 from qmpjobd.limits import Limits
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
-from tests.test_server import TEST_SCHEMA, daemon_env
+from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection, daemon_env
+from tests.test_server import TEST_SCHEMA
 
 WAIT = 30.0
 MiB = 1 << 20

@@ -13,8 +13,7 @@ import pytest
 from qemu.qmp import QMPClient
 from qemu.qmp.message import Message
 
-from tests.daemons import QMPJOBD, DaemonProcess
-from tests.test_server import daemon_env
+from tests.daemons import DaemonProcess, start_qmpjobd
 
 SIZE = 4 * 1024 * 1024
 WAIT = 10.0
@@ -87,9 +86,7 @@ async def run_backup(path: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    workdir = tmp_path_factory.mktemp("qmpjobd")
-    with DaemonProcess.start(workdir, "--log", str(workdir / "qmpjobd.log"), program=QMPJOBD,
-                             env=daemon_env()) as daemon:
+    with start_qmpjobd(tmp_path_factory.mktemp("qmpjobd")) as daemon:
         yield daemon
 
 

@@ -38,15 +38,13 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
-from tests.test_server import daemon_env
+from tests.daemons import DaemonProcess, QmpConnection, start_qmpjobd
 
 SIZE = 4 * 1024 * 1024
 SPEED = 262144  # with 64 KiB chunks: one chunk every 250 ms
@@ -359,12 +357,6 @@ Scenario = Callable[[Session], None]
 class Pair:
     qsd: DaemonProcess
     ours: DaemonProcess
-
-
-def start_qmpjobd(workdir: Path) -> AbstractContextManager[DaemonProcess]:
-    return DaemonProcess.start(
-        workdir, "--log", str(workdir / "qmpjobd.log"), program=QMPJOBD, env=daemon_env()
-    )
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
-from tests.test_server import daemon_env
+from tests.daemons import DaemonProcess, QmpConnection, start_qmpjobd
 
 SIZE = 4 * 1024 * 1024
 WAIT = 10.0
@@ -317,9 +316,7 @@ class JobMachine(RuleBasedStateMachine):
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    workdir = tmp_path_factory.mktemp("qmpjobd")
-    with DaemonProcess.start(workdir, "--log", str(workdir / "qmpjobd.log"), program=QMPJOBD,
-                             env=daemon_env()) as daemon:
+    with start_qmpjobd(tmp_path_factory.mktemp("qmpjobd")) as daemon:
         yield daemon
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
+from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection, daemon_env
 from tests.test_hostile_clients import wait_for_log
-from tests.test_server import TEST_SCHEMA, daemon_env
+from tests.test_server import TEST_SCHEMA
 
 WAIT = 30.0
 

@@ -20,8 +20,7 @@ from qmpjobd.cli import SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.tables import build_tables
 from tests.conftest import SCHEMA
-from tests.daemons import QMPJOBD, DaemonProcess
-from tests.test_server import daemon_env
+from tests.daemons import DaemonProcess, daemon_env, start_qmpjobd
 
 TABLES = build_tables(load_schema(str(SCHEMA)), SCHEMA_DEFINES)
 OURS_VERSION = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "qmpjobd 0.1.0"}
@@ -30,10 +29,7 @@ OURS_VERSION = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "qmpjob
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """qmpjobd with its product schema, for the module's tests."""
-    workdir = tmp_path_factory.mktemp("qmpjobd")
-    with DaemonProcess.start(
-        workdir, "--log", str(workdir / "qmpjobd.log"), program=QMPJOBD, env=daemon_env()
-    ) as daemon:
+    with start_qmpjobd(tmp_path_factory.mktemp("qmpjobd")) as daemon:
         yield daemon
 
 

@@ -18,17 +18,9 @@ from qmpjobd.cli import SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.tables import build_tables
 from tests.conftest import REPO
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection
+from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection, daemon_env
 
 TEST_SCHEMA = REPO / "tests" / "schema" / "test-schema.json"
-
-
-def daemon_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    env["QMPJOBD_CHECK_REPLIES"] = "1"  # every reply is checked against its schema type
-    env.update(extra)
-    return env
 
 
 @pytest.fixture
