@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from ..jobs.job import Job
-from ..qapi.leftover import qdict_order
+from ..qobject import qdict_order, write_json
 from .drivers.base import Node
 from .drivers.file import FileNode
 from .jobs.backup import CLUSTER, BackupJob
@@ -135,7 +135,7 @@ def _bottom(node: Node) -> Node:
 
 def _full_options(node: Node) -> dict[str, Any]:
     """The options that would open NODE again with the same data, children's included, in the
-    order they enter QEMU's QDict (which _qemu_json puts in the QDict's own order)."""
+    order they enter QEMU's QDict (written out in the QDict's own order)."""
     options: dict[str, Any] = {}
     given = dict(node.options)
     if isinstance(node, FileNode):
@@ -166,46 +166,10 @@ def _filename(node: Node) -> str:
     exact = _exact_filename(node)
     if exact:
         return exact
-    name = "json:" + _qemu_json(_full_options(node))
+    name = "json:" + write_json(_full_options(node), spaced=True, key_order=qdict_order)
     if len(name) >= _PATH_MAX:  # ASCII (non-ASCII is escaped), so characters are bytes
         name = name[: _PATH_MAX - 4] + "..."
     return name
-
-
-def _qemu_json(value: object) -> str:
-    """VALUE as QEMU's compact JSON writer writes it."""
-    if isinstance(value, dict):
-        items = (f"{_quote(k)}: {_qemu_json(value[k])}" for k in qdict_order(list(value)))
-        return "{" + ", ".join(items) + "}"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return _quote(value)
-    raise TypeError(f"no JSON for {type(value).__name__} in a node's options")
-
-
-_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
-                  "\t": "\\t"}
-
-
-def _quote(text: str) -> str:
-    out = []
-    for char in text:
-        cp = ord(char)
-        if char in _SHORT_ESCAPES:
-            out.append(_SHORT_ESCAPES[char])
-        elif cp > 0xFFFF:
-            cp -= 0x10000
-            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
-        elif cp < 0x20 or cp >= 0x7F:
-            out.append(f"\\u{cp:04X}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
 
 
 # -- sizes and bitmaps ------------------------------------------------------------------------

@@ -1,37 +1,23 @@
 """Which unexpected member QEMU names when a command has several.
 
 QEMU names the first leftover key of a GLib hash table (GLib 2.74, g_str_hash) filled from the
-arguments' QDict, from which each member is removed as it is visited. The QDict itself is 512
-buckets of lists (tdb hash), walked bucket by bucket, newest entry first; that walk is the order
-in which keys enter the GLib table. GLib's table: a power-of-two array probed quadratically
-from (hash * 11) % (a prime below the size); removals leave tombstones; it grows when used
-slots (tombstones included) reach 15/16 of the size, shrinks below 1/4 full, and each resize
-re-places the entries in place, slot by slot. The emulation below is checked against QSD with
-hundreds of random key sets in tests/test_qapi_visit.py. It only runs on an error path with two
-or more unexpected members.
+arguments' QDict, from which each member is removed as it is visited. The QDict's own walk
+(qobject.qdict_order) is the order in which keys enter the GLib table. GLib's table: a
+power-of-two array probed quadratically from (hash * 11) % (a prime below the size); removals
+leave tombstones; it grows when used slots (tombstones included) reach 15/16 of the size,
+shrinks below 1/4 full, and each resize re-places the entries in place, slot by slot. The
+emulation below is checked against QSD with hundreds of random key sets in
+tests/test_qapi_visit.py. It only runs on an error path with two or more unexpected members.
 """
 
 from __future__ import annotations
+
+from ..qobject import qdict_order
 
 _U32 = 0xFFFFFFFF
 _PRIMES = (1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749,
            65521, 131071, 262139, 524287, 1048573, 2097143, 4194301, 8388593, 16777213)
 _FREE, _TOMBSTONE = 0, 1
-
-
-def _qdict_bucket(key: bytes) -> int:
-    acc = (0x238F13AF * len(key)) & _U32
-    for i, byte in enumerate(key):
-        acc = (acc + (byte << (i * 5 % 24))) & _U32
-    return ((1103515243 * acc + 12345) & _U32) % 512
-
-
-def qdict_order(keys: list[str]) -> list[str]:
-    """KEYS (in input order) in the order QEMU walks a QDict holding them: bucket by bucket,
-    the newest entry first within a bucket."""
-    raw = [k.encode("utf-8", "surrogatepass") for k in keys]
-    order = sorted(range(len(keys)), key=lambda i: (_qdict_bucket(raw[i]), -i))
-    return [keys[i] for i in order]
 
 
 def _glib_str_hash(key: bytes) -> int:

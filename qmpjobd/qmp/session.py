@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from ..qapi.leftover import qdict_order
+from ..qobject import qdict_order
 from .encode import encode, encode_pretty
 from .errors import QmpError, generic
 from .framing import FramingError
