@@ -26,7 +26,8 @@ from .limits import Limits
 from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
 
 if TYPE_CHECKING:
-    from .dispatch import Daemon, Dispatcher
+    from .context import Daemon
+    from .dispatch import Dispatcher
 
 # Only what parsing the command line and binding the sockets needs is imported up front; trio,
 # the schema compiler and the handlers load while early clients already have their greeting.
@@ -277,16 +278,17 @@ def _setup_logging(config: Config) -> None:
 
 
 def _build(config: Config) -> tuple[Daemon, Dispatcher]:
-    from .dispatch import Daemon, Dispatcher, registered_handlers
+    from .commands import MODULES
+    from .context import Daemon, handlers_in
+    from .dispatch import Dispatcher
     from .qapi import load_schema
     from .qapi.tables import build_tables
 
-    for module in config.handler_modules:
-        importlib.import_module(module)
+    modules = [*MODULES, *map(importlib.import_module, config.handler_modules)]
     schema = load_schema(config.schema)
     tables = build_tables(schema, SCHEMA_DEFINES)
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
-    dispatcher = Dispatcher(tables, registered_handlers(), check_replies=check)
+    dispatcher = Dispatcher(tables, handlers_in(modules), check_replies=check)
     daemon = Daemon(tables)
     limits = Limits(**config.limits)
     daemon.jobs.max_jobs = limits.max_jobs

@@ -9,10 +9,12 @@ events are never dropped for a client that stays connected. A pipelining client 
 every few requests, a large message is parsed in a worker thread, and the daemon-wide budgets
 and counts of limits.py are enforced here (the client over one is told, then closed).
 
-Without oob, a connection's commands run one at a time, in order, inline in its reader task (no
-channel hop). Once a client enables oob, in-band commands go to a queue of at most
-`INBAND_QUEUE` requests served by a second task, and reading stops while the queue is full;
-`exec-oob` requests run at once in the reader task, overtaking the queue.
+The protocol's rules are the session's (qmp/session.py): what is refused before a command runs,
+and which requests wait in the in-band queue. Without oob, a connection's commands run one at a
+time, in order, inline in its reader task (no channel hop). Once a client enables oob, in-band
+requests wait in the session's queue, served by a second task, and reading stops while the
+session says the queue is full; `exec-oob` requests run at once in the reader task, overtaking
+the queue.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .dispatch import Context, Daemon, Dispatcher
+from .context import Context, Daemon
+from .dispatch import Dispatcher
 from .events import Event
 from .fdio import FdChannel, ReadinessHub
 from .jobs.errors import JobError
@@ -40,8 +43,6 @@ from .qmp.session import NO_ID, Session
 
 log = logging.getLogger("qmpjobd.server")
 
-# QEMU's limit on queued in-band requests once oob is enabled.
-INBAND_QUEUE = 8
 RECEIVE_SIZE = 65536
 # How many reads a connection may serve back to back before it lets other tasks run.
 FAIR_READS = 8
@@ -102,7 +103,8 @@ class Connection:
         self.channel = channel
         self.name = name
         self.session = Session(
-            version=server.options.version, package=server.options.package, pretty=pretty
+            version=server.options.version, package=server.options.package, pretty=pretty,
+            commands=server.dispatcher.commands,
         )
         self.context = Context(self.session, server.daemon)
         self.splitter = JsonSplitter()
@@ -116,7 +118,11 @@ class Connection:
         self._refused = False  # told why and closing: its input is dropped
         self._subscribed = False
         self._scope = trio.CancelScope()
-        self._inband_send: trio.MemorySendChannel[tuple[object, int]] | None = None
+        # The task serving the session's in-band queue runs once oob is enabled; this wakes it
+        # (a request queued, the input ended) and the reader (a request served).
+        self._inband_started = False
+        self._inband_changed = trio.Event()
+        self._input_ended = False
         # Input bytes this client makes the daemon hold (its partial message, its queue).
         self.input_held = 0
         self._inband_done = trio.Event()
@@ -209,8 +215,9 @@ class Connection:
                     self.send(self.session.greeting())
                 await self._read(nursery)
                 # End of input: answer what is queued, let the replies go out, then close.
-                if self._inband_send is not None:
-                    await self._inband_send.aclose()
+                if self._inband_started:
+                    self._input_ended = True
+                    self._signal_inband()
                     await self._inband_done.wait()
                 await self.drain()
                 nursery.cancel_scope.cancel()
@@ -254,13 +261,17 @@ class Connection:
             for served, item in enumerate(items, 1):
                 if self._closing:
                     break  # cut off or refused: nothing it sent is served any more
-                if self._inband_send is not None and not Session.is_oob(item):
+                if self._inband_started and self.session.queues(item):
+                    while self.session.inband_full:
+                        await self._inband_changed.wait()
                     self._hold(share)
-                    await self._inband_send.send((item, share))
+                    self.session.enqueue(item, share)
+                    self._signal_inband()
                 else:
                     await self._handle(item)
-                    if self.session.oob_enabled and self._inband_send is None:
-                        self._start_inband_queue(nursery)
+                    if self.session.oob_enabled and not self._inband_started:
+                        self._inband_started = True
+                        nursery.start_soon(self._serve_inband)
                     if served % FAIR_COMMANDS == 0:
                         # A client that pipelines many requests must not starve the others.
                         await trio.lowlevel.checkpoint()
@@ -280,23 +291,33 @@ class Connection:
         self.server.input_held -= self.input_held
         self.input_held = 0
 
-    def _start_inband_queue(self, nursery: trio.Nursery) -> None:
-        # Capacity INBAND_QUEUE - 1 plus the request being served: at most INBAND_QUEUE wait.
-        send, receive = trio.open_memory_channel[tuple[object, int]](INBAND_QUEUE - 1)
-        self._inband_send = send
+    def _signal_inband(self) -> None:
+        self._inband_changed.set()
+        self._inband_changed = trio.Event()
 
-        async def serve_queue() -> None:
-            async for item, share in receive:
-                self._hold(-share)
+    async def _serve_inband(self) -> None:
+        """Serve the session's in-band queue, in order, until the input has ended and the
+        queue is empty."""
+        while True:
+            taken = self.session.next_inband()
+            if taken is None:
+                if self._input_ended:
+                    break
+                await self._inband_changed.wait()
+                continue
+            item, share = taken
+            self._hold(-share)
+            try:
                 if not self._refused:
                     await self._handle(item)
-            self._inband_done.set()
-
-        nursery.start_soon(serve_queue)
+            finally:
+                self.session.served()
+                self._signal_inband()
+        self._inband_done.set()
 
     async def _handle(self, item: object) -> None:
         session = self.session
-        request = session.accept(item)
+        request = session.receive(item)
         if isinstance(request, bytes):
             self.send(request)
             return
@@ -339,7 +360,7 @@ class Server:
         ]
         try:
             async with trio.open_nursery() as nursery:
-                self.daemon.job_nursery = nursery
+                self.daemon.jobs.run_in(nursery)
                 for listener, monitor in zip(listeners, options.listening, strict=True):
                     nursery.start_soon(self._accept_loop, listener, monitor.path, monitor.pretty)
                 for conn, index in options.greeted:
@@ -384,7 +405,7 @@ class Server:
                 job.cancel(force=True)
         with trio.move_on_after(SHUTDOWN_GRACE):
             for job in jobs:
-                while not job.finished and job.status != "concluded":
+                while not job.finished:
                     await job.changed()
 
     async def _flush_all(self) -> None:

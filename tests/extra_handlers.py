@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import trio
 
-from qmpjobd.dispatch import Context, handler
+from qmpjobd.context import Context, handler
 
 _released: dict[str, trio.Event] = {}
 

@@ -13,6 +13,7 @@ from qmpjobd.block.jobs.backup import BackupJob
 from qmpjobd.block.jobs.mirror import MirrorJob
 from qmpjobd.jobs.errors import JobError
 from qmpjobd.jobs.job import Job
+from qmpjobd.jobs.status import JobStatus
 
 MiB = 1 << 20
 
@@ -48,7 +49,7 @@ def mirror(rec: Recorder, size: int = 4 * MiB, **kwargs: Any) -> MirrorJob:
 
 
 def start(job: Job, nursery: trio.Nursery, speed: int = 0) -> None:
-    job.transition("created")
+    job.transition(JobStatus.CREATED)
     job.set_speed(speed)
     job.start(nursery)
 

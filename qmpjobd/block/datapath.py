@@ -1,9 +1,9 @@
 """Copying a range from one node to another: what backup and mirror do with every chunk.
 
-Between two nodes backed by host files (file, or raw over file) a whole range is copied in one
-worker-thread call: the source's data extents (SEEK_DATA/SEEK_HOLE) go through
-os.copy_file_range, so the bytes never enter Python, and its holes stay holes on the target.
-Other pairs (null-co on either side) go through the nodes' read and write.
+Between two nodes whose bytes live in host files (their `host_extent`: file, or raw over file) a
+whole range is copied in one worker-thread call: the source's data extents (its `block_status`)
+go through os.copy_file_range, so the bytes never enter Python, and its holes stay holes on the
+target. Other pairs (null-co on either side) go through the nodes' read and write.
 
 A failure says which side failed and how far the copy got: the job's error policy
 (on-source-error / on-target-error) depends on the side, and a retry starts where it stopped.
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 import trio
 
 from .drivers.base import Node
-from .drivers.file import FileNode
-from .drivers.raw import RawNode
+from .errors import CopyFailed
+
+if TYPE_CHECKING:
+    from .drivers.file import FileNode
 
 # Per copy_file_range call: large enough that a call costs little, small enough that the
 # progress of a failing copy is known to within one piece.
@@ -33,37 +36,21 @@ _BY_HAND = 1 << 20
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
-class CopyFailed(Exception):
-    """A copy stopped at source offset OFFSET: OPERATION ('read' or 'write') failed."""
-
-    def __init__(self, operation: str, error: OSError, done: int) -> None:
-        super().__init__(operation, error, done)
-        self.operation = operation
-        self.error = error
-        self.done = done
-
-
-def _host_file(node: Node) -> tuple[FileNode, int] | None:
-    """The host file NODE's bytes live in, and where in it they start; None for null-co."""
-    shift = 0
-    while not isinstance(node, FileNode):
-        if not isinstance(node, RawNode):
-            return None
-        shift += node.offset
-        node = node.file
-    return node, shift
-
-
 def on_host_files(source: Node, target: Node) -> bool:
     """Whether both nodes keep their bytes in host files (copies between them are file I/O)."""
-    return _host_file(source) is not None and _host_file(target) is not None
+    return (
+        source.host_extent(0, source.size) is not None
+        and target.host_extent(0, target.size) is not None
+    )
 
 
 async def copy(source: Node, target: Node, offset: int, length: int) -> None:
     """Copy LENGTH bytes at OFFSET of SOURCE to the same place on TARGET (sizes are equal)."""
-    src, dst = _host_file(source), _host_file(target)
-    if src is not None and dst is not None:
-        await trio.to_thread.run_sync(_copy_files, src[0], src[1], dst[0], dst[1], offset, length)
+    if (
+        source.host_extent(offset, length) is not None
+        and target.host_extent(offset, length) is not None
+    ):
+        await trio.to_thread.run_sync(_copy_files, source, target, offset, length)
         return
     try:
         data = await source.read(offset, length)
@@ -75,46 +62,24 @@ async def copy(source: Node, target: Node, offset: int, length: int) -> None:
         raise CopyFailed("write", e, 0) from None
 
 
-def _copy_files(
-    src: FileNode, src_shift: int, dst: FileNode, dst_shift: int, offset: int, length: int
-) -> None:
+def _copy_files(source: Node, target: Node, offset: int, length: int) -> None:
     """In a worker thread: the source's extents in [OFFSET, OFFSET+LENGTH), data copied and
-    holes kept. Past the end of the source file (the rest of its last sector) reads as zeroes."""
+    holes kept (the source's block status says which is which)."""
     end = offset + length
-    data_end = min(end, src.file_size - src_shift)
     pos = offset
     while pos < end:
-        if pos >= data_end:
-            _zero(dst, dst_shift + pos, end - pos, pos - offset)
-            return
-        start, stop = _next_extent(src, src_shift + pos, src_shift + data_end)
-        start, stop = start - src_shift, stop - src_shift
-        if start > pos:  # a hole up to START
-            _zero(dst, dst_shift + pos, start - pos, pos - offset)
-            pos = start
-            continue
-        while pos < stop:
-            n = min(_PIECE, stop - pos)
-            _copy_piece(src, src_shift + pos, dst, dst_shift + pos, n, pos - offset)
-            pos += n
-
-
-def _next_extent(src: FileNode, pos: int, end: int) -> tuple[int, int]:
-    """The next data extent at or after POS, clipped to END: (start, stop); (END, END) when
-    there is none."""
-    try:
-        start = os.lseek(src.fd, pos, os.SEEK_DATA)
-    except OSError as e:
-        if e.errno == errno.ENXIO:
-            return end, end
-        return pos, end  # no SEEK_DATA here: all data
-    if start >= end:
-        return end, end
-    try:
-        stop = os.lseek(src.fd, start, os.SEEK_HOLE)
-    except OSError:
-        stop = end
-    return start, min(stop, end)
+        extent = source.block_status(pos, end - pos)
+        src = source.host_extent(pos, extent.length)
+        dst = target.host_extent(pos, extent.length)
+        assert src is not None and dst is not None  # both nodes live in host files (copy())
+        if extent.zero:
+            _zero(dst.file, dst.offset, extent.length, pos - offset)
+        else:
+            for at in range(0, extent.length, _PIECE):
+                n = min(_PIECE, extent.length - at)
+                _copy_piece(src.file, src.offset + at, dst.file, dst.offset + at, n,
+                            pos + at - offset)
+        pos += extent.length
 
 
 def _zero(dst: FileNode, at: int, length: int, done: int) -> None:

@@ -1,8 +1,11 @@
-"""Block nodes by name, and which jobs hold them.
+"""Block nodes by name: the monitor's, and those the daemon opened for itself.
 
 A job that uses a node blocks it for the operations that would disturb the job; QEMU reports
 that as "Node 'dst' is busy: block device is in use by block job: backup". The node graph of
 this milestone is flat: every node is a root, and a `raw` node's `file` child is not a root.
+Besides the nodes the monitor added (and their inline children), the graph holds the nodes the
+daemon opened for a job (drive-* targets, named '#blockNNN'): listed while their job lasts,
+never the monitor's to delete.
 """
 
 from __future__ import annotations
@@ -11,27 +14,23 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from ..jobs.errors import JobError
+from .errors import BlockError
 
 if TYPE_CHECKING:
+    from ..jobs.job import Job
     from .drivers.base import Node
 
 log = logging.getLogger("qmpjobd.block")
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
-class BlockError(JobError):
-    """A block layer error; the dispatcher reports it like any JobError (GenericError)."""
-
-
-class DeviceNotFound(BlockError):
-    cls = "DeviceNotFound"
-
-
 class BlockGraph:
     def __init__(self, max_nodes: int = 65536) -> None:
         self._nodes: dict[str, Node] = {}
         self.max_nodes = max_nodes  # limits.py
+        # The daemon's own nodes, each with the job it was opened for (None until the job is
+        # made). A job that has finished holds its node no more, even before it is closed.
+        self._internal: dict[Node, Job | None] = {}
 
     def check_room(self, count: int) -> None:
         """Whether COUNT more nodes fit under the limit."""
@@ -68,6 +67,13 @@ class BlockGraph:
             raise BlockError(f"Cannot find device='{name}' nor node-name='{name}'")
         return node
 
+    def lookup_node(self, name: str) -> Node:
+        """By node name only, for the arguments that name a node (base-node, top-node)."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise BlockError(f"Cannot find device='' nor node-name='{name}'")
+        return node
+
     def find(self, name: str) -> Node:
         node = self._nodes.get(name)
         if node is None:
@@ -87,6 +93,38 @@ class BlockGraph:
 
     def nodes(self) -> list[Node]:
         return list(self._nodes.values())
+
+    # -- the daemon's own nodes ------------------------------------------------------------------
+
+    def add_internal(self, node: Node) -> None:
+        """A node the daemon opened for itself (with its child, if it has one)."""
+        if node.child is not None:
+            node.child.monitor_owned = False
+            node.child.parents.append(node)
+        node.monitor_owned = False
+        self._internal[node] = None
+
+    def hold(self, node: Node, job: Job) -> None:
+        """NODE is JOB's (a drive-* target): it is listed until JOB has finished."""
+        self._internal[node] = job
+
+    def remove_internal(self, node: Node) -> None:
+        self._internal.pop(node, None)
+
+    def internal_nodes(self) -> list[Node]:
+        """The daemon's own nodes whose job has not finished, with their children."""
+        found = []
+        for node, job in self._internal.items():
+            if job is None or not job.finished:
+                found.append(node)
+                if node.child is not None:
+                    found.append(node.child)
+        return found
+
+    def all_nodes(self) -> list[Node]:
+        """Every node there is, newest first (the order QEMU lists them in)."""
+        nodes = self.nodes() + self.internal_nodes()
+        return sorted(nodes, key=lambda node: node.serial, reverse=True)
 
     async def close_all(self) -> None:
         """At exit, as QEMU does: flush every node, then close it. A flush that fails is

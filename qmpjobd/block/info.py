@@ -16,7 +16,6 @@ encryption or backing files). The ones that are not:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,58 +24,39 @@ import trio
 from ..jobs.job import Job
 from ..qobject import qdict_order, write_json
 from .drivers.base import Node
-from .drivers.file import FileNode
-from .jobs.backup import CLUSTER, BackupJob
-from .jobs.mirror import MirrorJob
+from .jobs.blockjob import BlockJob
 
-# The options that change a node's data (QEMU's strong runtime options), by driver, besides
-# "driver" and "filename" (which every node's description has, when given).
-_STRONG = {"file": (), "raw": ("offset", "size"), "null-co": ("size", "read-zeroes")}
-# Drivers QEMU opens as protocols: a format node over one may take its plain file name.
-_PROTOCOLS = ("file", "null-co")
 # QEMU keeps a node's file name in a PATH_MAX buffer and marks a cut-off "json:" name with "...".
 _PATH_MAX = 4096
-# Jobs whose bitmaps are gone: QEMU drops them when the job is finalized.
-_ENDED = ("concluded", "null")
 
 
-async def named_block_nodes(
-    nodes: list[Node], jobs: list[Job], detect_zeroes: dict[Node, str]
-) -> list[dict[str, Any]]:
+async def named_block_nodes(nodes: list[Node], jobs: list[Job]) -> list[dict[str, Any]]:
     """A BlockDeviceInfo for each of NODES (newest first, the order QEMU lists them in).
-
-    JOBS are the daemon's jobs, newest first; DETECT_ZEROES overrides the setting of nodes that
-    were opened without blockdev-add options (drive-backup's target: "unmap")."""
-    sizes = await _allocated_sizes(nodes)
+    JOBS are the daemon's jobs, newest first."""
+    sizes = await trio.to_thread.run_sync(_allocated_sizes, nodes)
     bitmaps = _job_bitmaps(jobs)
-    return [_info(node, sizes, bitmaps.get(node), detect_zeroes) for node in nodes]
+    return [_info(node, size, bitmaps.get(node)) for node, size in zip(nodes, sizes, strict=True)]
 
 
-def _info(
-    node: Node,
-    sizes: dict[Node, int],
-    bitmaps: list[dict[str, Any]] | None,
-    detect_zeroes: dict[Node, str],
-) -> dict[str, Any]:
+def _info(node: Node, allocated: int, bitmaps: list[dict[str, Any]] | None) -> dict[str, Any]:
     filename = _filename(node)
     image: dict[str, Any] = {
         "filename": filename,
         "format": node.driver,
         "virtual-size": node.size,
-        "actual-size": _allocated(node, sizes),
+        "actual-size": allocated,
+        # What the driver answers to QEMU's get-info (the file driver: a dirty flag; raw
+        # passes it down; null-co has nothing to say, and then there is no dirty flag at all).
+        **node.format_info(),
     }
-    if isinstance(_bottom(node), FileNode):
-        # Only the file driver answers QEMU's get-info (raw passes it down); null-co does not,
-        # and then the image has no dirty flag at all.
-        image["dirty-flag"] = False
     info: dict[str, Any] = {
         "file": filename,
         "node-name": node.name,
-        "ro": _read_only(node),
+        "ro": node.read_only,  # inherited by an inline child, and after auto-read-only
         "drv": node.driver,
         "backing_file_depth": 0,
         "encrypted": False,
-        "detect_zeroes": detect_zeroes.get(node, node.options.get("detect-zeroes", "off")),
+        "detect_zeroes": node.options.get("detect-zeroes", "off"),
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "image": image,
         "cache": {
@@ -118,52 +98,21 @@ def _inherited(node: Node, path: tuple[str, ...], default: object) -> object:
     return default
 
 
-def _read_only(node: Node) -> bool:
-    if isinstance(node, FileNode):
-        return node.read_only  # after auto-read-only's fallback
-    return node.read_only or bool(_inherited(node, ("read-only",), False))
-
-
-# -- file names -------------------------------------------------------------------------------
-
-
-def _bottom(node: Node) -> Node:
-    while node.child is not None:
-        node = node.child
-    return node
-
-
 def _full_options(node: Node) -> dict[str, Any]:
     """The options that would open NODE again with the same data, children's included, in the
     order they enter QEMU's QDict (written out in the QDict's own order)."""
     options: dict[str, Any] = {}
-    given = dict(node.options)
-    if isinstance(node, FileNode):
-        given.setdefault("filename", node.filename)  # drive-* targets have no options
-    for key in ("driver", "filename", *_STRONG.get(node.driver, ())):
-        if key in given:
-            options[key] = given[key]
+    for key in ("driver", "filename", *node.strong_options):
+        if key in node.options:
+            options[key] = node.options[key]
     options.setdefault("driver", node.driver)
     if node.child is not None:
         options["file"] = _full_options(node.child)
     return options
 
 
-def _exact_filename(node: Node) -> str:
-    """The plain name that opens NODE again, or "" if it takes a "json:" description."""
-    strong = any(key in node.options for key in _STRONG.get(node.driver, ()))
-    if isinstance(node, FileNode):
-        return node.filename
-    if node.driver == "null-co":
-        return "" if strong else "null-co://"
-    child = node.child
-    if child is not None and child.driver in _PROTOCOLS and not strong:
-        return _exact_filename(child)
-    return ""
-
-
 def _filename(node: Node) -> str:
-    exact = _exact_filename(node)
+    exact = node.exact_filename()
     if exact:
         return exact
     name = "json:" + write_json(_full_options(node), spaced=True, key_order=qdict_order)
@@ -175,47 +124,19 @@ def _filename(node: Node) -> str:
 # -- sizes and bitmaps ------------------------------------------------------------------------
 
 
-async def _allocated_sizes(nodes: Iterable[Node]) -> dict[Node, int]:
-    """Each file node's allocated bytes (st_blocks * 512), from one worker thread."""
-    files = [(node, node.fd) for node in nodes if isinstance(node, FileNode) and node.fd >= 0]
-
-    def stat_all() -> dict[Node, int]:
-        sizes: dict[Node, int] = {}
-        for node, fd in files:
-            try:
-                sizes[node] = os.fstat(fd).st_blocks * 512
-            except OSError:
-                sizes[node] = 0  # closed meanwhile: it will not be listed again
-        return sizes
-
-    return await trio.to_thread.run_sync(stat_all) if files else {}
-
-
-def _allocated(node: Node, sizes: dict[Node, int]) -> int:
-    # A format node's image takes what its file takes; null-co takes nothing.
-    return sizes.get(_bottom(node), 0)
+def _allocated_sizes(nodes: Iterable[Node]) -> list[int]:
+    """Each node's allocated bytes on the host, in one worker thread (they stat files)."""
+    return [node.allocated_size() for node in nodes]
 
 
 def _job_bitmaps(jobs: list[Job]) -> dict[Node, list[dict[str, Any]]]:
     """The bitmaps jobs keep on their sources, newest first on each node (as QEMU lists them)."""
     bitmaps: dict[Node, list[dict[str, Any]]] = {}
     for job in jobs:
-        if job.status in _ENDED:
+        # QEMU drops a job's bitmap when the job is finalized.
+        if not isinstance(job, BlockJob) or job.finished:
             continue
-        if isinstance(job, BackupJob):
-            # What is left to copy (cluster-aligned, like the job's progress).
-            count = max(job.progress_total - job.progress_current, 0)
-            bitmap = _bitmap(count, CLUSTER, recording=False)
-        elif isinstance(job, MirrorJob):
-            # QEMU clears a dirty range as soon as it issues its copy, and issues up to the
-            # job's buffer at once: nothing is left dirty here without writes by others.
-            bitmap = _bitmap(0, job.granularity, recording=True)
-        else:
-            continue
-        bitmaps.setdefault(job.source, []).append(bitmap)
+        bitmap = job.source_bitmap()
+        if bitmap is not None:
+            bitmaps.setdefault(job.source, []).append(bitmap)
     return bitmaps
-
-
-def _bitmap(count: int, granularity: int, *, recording: bool) -> dict[str, Any]:
-    return {"busy": False, "count": count, "granularity": granularity, "persistent": False,
-            "recording": recording}

@@ -1,5 +1,9 @@
-"""Command handlers, one module per schema file. Importing this package registers them all."""
+"""Command handlers, one module per schema file (block-core.json's in two: nodes and jobs).
 
-from . import block, control, job, transaction
+Thin: each handler hands its checked arguments to the layer that does the work. MODULES are the
+daemon's own; the dispatcher is built from these and any the command line adds (--handlers).
+"""
 
-__all__ = ["block", "control", "job", "transaction"]
+from . import block, block_jobs, control, job, transaction
+
+MODULES = (block, block_jobs, control, job, transaction)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import PACKAGE, QMP_API_VERSION
-from ..dispatch import Context, handler
+from ..context import Context, handler
 
 
 @handler("qmp_capabilities")

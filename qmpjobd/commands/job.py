@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..dispatch import Context, handler
+from ..context import Context, handler
 
 
 @handler("job-pause")

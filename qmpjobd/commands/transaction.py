@@ -1,21 +1,21 @@
 """Handler for schema/transaction.json: several job starts that succeed or fail together.
 
 Every action is checked and its job created first (`created`; a drive-backup's target file is
-made or opened on the way); if one fails, the jobs already created are rolled back (`aborting`,
-`concluded`, `null`) and the reply is that action's error.
-Only when all succeeded do the jobs start. With completion-mode grouped they also complete
-together (jobs/txn.py).
+made or opened on the way); if one fails, the jobs already created are discarded (`aborting`,
+`concluded`, `null`) and the reply is that action's error. Only when all succeeded do the
+jobs start. With completion-mode grouped they also complete together (jobs/txn.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..dispatch import Context, handler
+from ..block.drive import drive_backup_job
+from ..block.jobs.backup import BackupJob, backup_job
+from ..context import Context, handler
 from ..jobs.errors import JobError
 from ..jobs.job import Job
 from ..jobs.txn import JobTxn
-from .block import create_job, prepare_backup, prepare_drive_backup, release
 
 
 @handler("transaction")
@@ -28,26 +28,22 @@ async def transaction(
     try:
         for action in actions:
             kind, data = action["type"], action["data"]
+            job: BackupJob
             if kind == "abort":
                 raise JobError("Transaction aborted using Abort action")
             if kind == "blockdev-backup":
-                backup = prepare_backup(ctx, data)
+                job = backup_job(ctx.graph, ctx.jobs, data)
             elif kind == "drive-backup":
-                backup = await prepare_drive_backup(ctx, data)
+                job = await drive_backup_job(ctx.graph, ctx.jobs, data)
             else:
                 raise JobError(f"{kind} is not implemented yet")
-            create_job(ctx, backup, data.get("speed", 0))
-            prepared.append(backup)
+            ctx.jobs.create(job, data.get("speed", 0))
+            prepared.append(job)
             if group is not None:
-                group.add(backup)
+                group.add(job)
     except JobError:
-        for job in reversed(prepared):
-            job.transition("aborting")
-            job.transition("concluded")
-            job.transition("null")
-            release(job)
+        for created in reversed(prepared):
+            created.discard()
         raise
-    for job in prepared:
-        job.start(ctx.job_nursery)
-    for job in prepared:
-        await job.run_until_blocked()
+    await ctx.jobs.start(*prepared)
+

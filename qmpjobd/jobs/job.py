@@ -5,7 +5,7 @@ rate-limited, `ratelimit_sleep()`, which is where pause, cancel and speed change
 as at QEMU's pause points. What happens once the work is done (waiting, pending, finalization,
 abort of the whole group) is the transaction's business (txn.py).
 
-The tables are QEMU's (checked against qemu-storage-daemon: docs/job-model.md, section 2).
+The statuses, verbs and their tables are in status.py.
 """
 
 from __future__ import annotations
@@ -16,44 +16,14 @@ from typing import Any, ClassVar
 
 import trio
 
-from .errors import JobError
+from .errors import CANCELED, InvalidTransition, JobCancelled, JobError
 from .ratelimit import RateLimit
+from .status import TRANSITIONS, VERBS, JobStatus, JobVerb
+from .txn import JobTxn
 
 log = logging.getLogger("qmpjobd.jobs")
 
 Emit = Callable[[str, dict[str, Any] | None], object]
-
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "undefined": frozenset({"created"}),
-    "created": frozenset({"running", "aborting", "null"}),
-    "running": frozenset({"paused", "ready", "waiting", "aborting"}),
-    "paused": frozenset({"running"}),
-    "ready": frozenset({"standby", "waiting", "aborting"}),
-    "standby": frozenset({"ready"}),
-    "waiting": frozenset({"pending", "aborting"}),
-    "pending": frozenset({"aborting", "concluded"}),
-    "aborting": frozenset({"aborting", "concluded"}),
-    "concluded": frozenset({"null"}),
-    "null": frozenset(),
-}
-
-_LIVE = frozenset({"created", "running", "paused", "ready", "standby"})
-VERBS: dict[str, frozenset[str]] = {
-    "cancel": _LIVE | {"waiting", "pending"},
-    "pause": _LIVE,
-    "resume": _LIVE,
-    "set-speed": _LIVE,
-    "complete": frozenset({"ready", "standby"}),
-    "finalize": frozenset({"pending"}),
-    "dismiss": frozenset({"concluded"}),
-}
-
-CANCELED = "Operation canceled"
-
-
-class JobCancelled(Exception):
-    """Raised inside a job's work when it has been cancelled; the job then aborts."""
-
 
 class Job:
     job_type: ClassVar[str] = ""
@@ -61,14 +31,12 @@ class Job:
     def __init__(
         self, job_id: str, emit: Emit, *, auto_finalize: bool = True, auto_dismiss: bool = True
     ) -> None:
-        from .txn import JobTxn  # a job always belongs to a transaction, if only its own
-
         self.id = job_id
-        self.status = "undefined"
+        self.status = JobStatus.UNDEFINED
         self._emit = emit
         self.auto_finalize = auto_finalize
         self.auto_dismiss = auto_dismiss
-        self.txn = JobTxn()
+        self.txn = JobTxn()  # a job always belongs to a transaction, if only its own
         self.txn.add(self)
         # Pauses: the client's flag (pauses by the client do not nest) and the count of all
         # pause requests, the client's and the daemon's own.
@@ -93,10 +61,11 @@ class Job:
 
     # -- status --------------------------------------------------------------------------
 
-    def transition(self, status: str) -> None:
-        assert status in TRANSITIONS[self.status], f"{self.id}: {self.status} -> {status}"
+    def transition(self, status: JobStatus) -> None:
+        if status not in TRANSITIONS[self.status]:
+            raise InvalidTransition(f"job {self.id}: {self.status} -> {status}")
         self.status = status
-        self._emit("JOB_STATUS_CHANGE", {"status": status, "id": self.id})
+        self._emit("JOB_STATUS_CHANGE", {"status": status.value, "id": self.id})
         self._changed.set()
         self._changed = trio.Event()
 
@@ -121,13 +90,14 @@ class Job:
     def _settled(self) -> bool:
         if self.is_cancelled:
             return False
-        parked = self.status in ("paused", "standby")
+        parked = self.status.parked
         return parked if self.pause_count > 0 else not parked
 
-    def check_verb(self, verb: str) -> None:
+    def check_verb(self, verb: JobVerb) -> None:
         if self.status not in VERBS[verb]:
             raise JobError(
-                f"Job '{self.id}' in state '{self.status}' cannot accept command verb '{verb}'"
+                f"Job '{self.id}' in state '{self.status.value}' cannot accept command verb "
+                f"'{verb.value}'"
             )
 
     @property
@@ -137,7 +107,8 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("concluded", "null")
+        """Concluded or dismissed (the one test of "has this job ended")."""
+        return self.status.finished
 
     # -- the work and its pause points -----------------------------------------------------
 
@@ -193,7 +164,8 @@ class Job:
         """Where pauses take effect (and cancellation is noticed)."""
         if self.pause_count > 0 and not self.is_cancelled:
             resumed = self.status
-            self.transition("paused" if resumed == "running" else "standby")
+            parked = JobStatus.PAUSED if resumed == JobStatus.RUNNING else JobStatus.STANDBY
+            self.transition(parked)
             while self.pause_count > 0 and not self.is_cancelled:
                 await self._wait_for_wake()
             self.transition(resumed)
@@ -229,7 +201,8 @@ class Job:
         self._poke()
 
     def resume(self) -> None:
-        assert self.pause_count > 0
+        if self.pause_count == 0:
+            raise RuntimeError(f"job {self.id}: resumed more often than paused")
         self.pause_count -= 1
         if self.pause_count == 0:
             self.wake()
@@ -242,7 +215,7 @@ class Job:
         self._changed = trio.Event()
 
     def user_pause(self) -> None:
-        self.check_verb("pause")
+        self.check_verb(JobVerb.PAUSE)
         if self.user_paused:
             raise JobError("Job is already paused")
         self.user_paused = True
@@ -252,13 +225,13 @@ class Job:
         # QEMU checks the flag before the status: resuming a pending job says this too.
         if not self.user_paused:
             raise JobError("Can't resume a job that was not paused")
-        self.check_verb("resume")
+        self.check_verb(JobVerb.RESUME)
         self.user_paused = False
         self.resume()
 
     def set_speed(self, speed: int) -> bool:
         """Change the speed; whether the job was woken (a faster pace starts at once)."""
-        self.check_verb("set-speed")
+        self.check_verb(JobVerb.SET_SPEED)
         if speed < 0:
             raise JobError("Parameter 'speed' expects a non-negative value")
         old = self.speed
@@ -270,7 +243,7 @@ class Job:
         return not self.work_done and self.pause_count == 0
 
     def cancel(self, force: bool) -> None:
-        self.check_verb("cancel")
+        self.check_verb(JobVerb.CANCEL)
         self.request_cancel(force)
         if self.work_done:
             # Done already (waiting, pending): nothing to interrupt, the group aborts now.
@@ -294,7 +267,7 @@ class Job:
         return False
 
     def complete(self) -> None:
-        self.check_verb("complete")
+        self.check_verb(JobVerb.COMPLETE)
         if self.cancelled or not self.completable():
             raise JobError(f"The active block job '{self.id}' cannot be completed")
         self.do_complete()
@@ -306,14 +279,26 @@ class Job:
         raise NotImplementedError
 
     def finalize(self) -> None:
-        self.check_verb("finalize")
+        self.check_verb(JobVerb.FINALIZE)
         self.txn.finalize()
 
     def dismiss(self) -> None:
-        self.check_verb("dismiss")
-        self.transition("null")
+        self.check_verb(JobVerb.DISMISS)
+        self.transition(JobStatus.NULL)
+
+    def discard(self) -> None:
+        """A created job that will never start (its transaction failed): it aborts, concludes
+        and goes away at once."""
+        self.transition(JobStatus.ABORTING)
+        self.transition(JobStatus.CONCLUDED)
+        self.transition(JobStatus.NULL)
+        self.abort()
 
     # -- hooks for the kinds of job (block jobs emit BLOCK_JOB_* events here) --------------
+
+    def check_created(self) -> None:
+        """Raise the JobError QEMU meets only once the job exists (a drive-* target's image
+        lock); the job then goes away at once."""
 
     def on_pending(self) -> None:
         """The job entered `pending` and waits for job-finalize (auto-finalize off)."""
@@ -333,7 +318,7 @@ class Job:
         info: dict[str, Any] = {
             "id": self.id,
             "type": self.job_type,
-            "status": self.status,
+            "status": self.status.value,
             "current-progress": self.progress_current,
             "total-progress": self.progress_total,
         }
@@ -345,7 +330,7 @@ class Job:
 
     def start(self, nursery: trio.Nursery) -> None:
         """Created -> running (events now, before the creating command replies); work starts."""
-        self.transition("running")
+        self.transition(JobStatus.RUNNING)
         self.busy = True
         self._running = True
         nursery.start_soon(self._main)

@@ -1,30 +1,44 @@
-"""The job registry: every job the daemon knows, newest first, found by id."""
+"""The job registry: every job the daemon knows, newest first, found by id; and where jobs
+are created and started, as QEMU does it before the command that made them replies."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from .errors import JobError
-from .job import Job
-
-
-class DeviceNotActive(JobError):
-    cls = "DeviceNotActive"
-
+from .job import Emit, Job
+from .status import JobStatus
 
 # QEMU's well-formed ids: a letter, then letters, digits, '-', '.' and '_'.
 _WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
 class JobManager:
-    def __init__(self, max_jobs: int = 65536) -> None:
+    def __init__(self, emit: Emit, max_jobs: int = 65536) -> None:
         self._jobs: dict[str, Job] = {}  # creation order
+        # Where the jobs made for this registry report their events (the event bus).
+        self.emit = emit
         self.max_jobs = max_jobs  # limits.py
+        # Where jobs run: the server opens it before it serves anyone.
+        self._nursery: trio.Nursery | None = None
+
+    def run_in(self, nursery: trio.Nursery) -> None:
+        """Run the jobs (and the tasks that wait on them) in NURSERY from now on."""
+        self._nursery = nursery
+
+    def start_soon(self, task: Callable[[], Awaitable[object]]) -> None:
+        """Run TASK beside the jobs (it lives as long as they may)."""
+        if self._nursery is None:
+            raise RuntimeError("no nursery to run jobs in yet")
+        self._nursery.start_soon(task)
 
     def _live(self) -> dict[str, Job]:
         # Dismissed jobs (status null) leave the registry the next time anyone looks.
-        for job_id in [i for i, job in self._jobs.items() if job.status == "null"]:
+        for job_id in [i for i, job in self._jobs.items() if job.status == JobStatus.NULL]:
             del self._jobs[job_id]
         return self._jobs
 
@@ -48,12 +62,8 @@ class JobManager:
             raise JobError("Job not found")
         return job
 
-    def find_block(self, job_id: str) -> Job:
-        """The block-job-* commands' lookup, with their own error class and words."""
-        job = self._live().get(job_id)
-        if job is None:
-            raise DeviceNotActive(f"Block job '{job_id}' not found")
-        return job
+    def get(self, job_id: str) -> Job | None:
+        return self._live().get(job_id)
 
     def jobs(self) -> list[Job]:
         """Newest first."""
@@ -64,3 +74,37 @@ class JobManager:
 
     def __len__(self) -> int:
         return len(self._live())
+
+    # -- a new job's first steps ---------------------------------------------------------------
+
+    def create(self, job: Job, speed: int) -> None:
+        """Register JOB and make it `created`, with its speed. An error QEMU meets only once the
+        job exists (the job's own check_created, a negative speed) takes it away at once
+        (`null`) and is raised."""
+        self.add(job)
+        job.transition(JobStatus.CREATED)
+        try:
+            job.check_created()
+            if speed < 0:
+                raise JobError("Parameter 'speed' expects a non-negative value")
+        except JobError:
+            job.transition(JobStatus.NULL)
+            job.abort()
+            raise
+        job.speed = speed
+        job.limit.set_speed(speed)
+
+    async def start(self, *jobs: Job) -> None:
+        """Start created JOBS (each `running`, in order) and let each take its first step, as
+        QEMU's jobs do before the command that started them replies."""
+        if self._nursery is None:
+            raise RuntimeError("no nursery to run jobs in yet")
+        for job in jobs:
+            job.start(self._nursery)
+        for job in jobs:
+            await job.run_until_blocked()
+
+    async def launch(self, job: Job, speed: int) -> None:
+        """create, then start."""
+        self.create(job, speed)
+        await self.start(job)

@@ -8,10 +8,37 @@ every job then ends in `aborting` and `concluded`. Jobs are handled newest first
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .job import Job
+from .errors import CANCELED
+from .status import JobStatus
+
+
+class Job(Protocol):
+    """What a transaction needs of its members (jobs/job.py's Job)."""
+
+    txn: JobTxn
+    error: str | None
+    work_done: bool
+    auto_finalize: bool
+    auto_dismiss: bool
+
+    @property
+    def finished(self) -> bool: ...
+
+    def transition(self, status: JobStatus) -> None: ...
+
+    def request_cancel(self, force: bool) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def on_pending(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def on_finalized(self) -> None: ...
 
 
 class JobTxn:
@@ -34,11 +61,11 @@ class JobTxn:
             job.error = error
             self.abort(job)
             return
-        job.transition("waiting")
+        job.transition(JobStatus.WAITING)
         if any(not other.work_done for other in self.jobs):
             return
         for other in self.jobs:
-            other.transition("pending")
+            other.transition(JobStatus.PENDING)
             if not other.auto_finalize:
                 other.on_pending()
         if all(other.auto_finalize for other in self.jobs):
@@ -58,7 +85,7 @@ class JobTxn:
             if job is not initiator and not job.finished:
                 job.request_cancel(force=True)
                 if job.error is None:
-                    job.error = "Operation canceled"
+                    job.error = CANCELED
                 job.wake()
         # Jobs still working stop at their next pause point; the last to stop finishes the
         # abort (job_done), or it is finished here if no job is working any more.
@@ -72,14 +99,14 @@ class JobTxn:
             if job.finished:
                 continue
             if job.error is None:
-                job.error = "Operation canceled"
-            job.transition("aborting")
+                job.error = CANCELED
+            job.transition(JobStatus.ABORTING)
             job.abort()
             job.on_finalized()
             self._conclude(job)
 
     @staticmethod
     def _conclude(job: Job) -> None:
-        job.transition("concluded")
+        job.transition(JobStatus.CONCLUDED)
         if job.auto_dismiss:
-            job.transition("null")
+            job.transition(JobStatus.NULL)

@@ -1,20 +1,28 @@
-"""One connection's QMP state, sans-IO: greeting, capabilities negotiation, envelopes.
+"""One connection's QMP state, sans-IO: greeting, negotiation, envelopes, the in-band queue.
 
-The server feeds it what the framing layer parsed; it answers either with a `Request` to run or
-with the bytes of an error response. After a request ran, `reply`/`error_reply` turn the result
-into bytes. It never touches a socket and knows nothing of the commands themselves.
+The server feeds it what the framing layer parsed; `receive` answers either with a `Request` to
+run or with the bytes of an error response. After a request ran, `reply`/`error_reply` turn the
+result into bytes. It never touches a socket; of the commands it knows only their names and
+whether each may run out of band (given at construction), not what they do.
 
 What it reproduces of QEMU's monitor:
-- Until `qmp_capabilities` succeeds only that command exists; any CommandNotFound error in that
-  mode reads "Expecting capabilities negotiation with 'qmp_capabilities'".
-- Envelope members: `execute` (or `exec-oob` once oob is enabled) must be a string, `arguments`
-  an object, `id` anything; anything else is unexpected. When several members are wrong QEMU
-  reports the first in its dictionary's walk order, so the checks go in that order.
+- Envelope members (`accept`): `execute` (or `exec-oob` once oob is enabled) must be a string,
+  `arguments` an object, `id` anything; anything else is unexpected. When several members are
+  wrong QEMU reports the first in its dictionary's walk order, so the checks go in that order.
 - `id` is echoed untouched whenever the input was an object, even if the envelope was wrong.
+- The command (`admit`): an unknown one is CommandNotFound; until `qmp_capabilities` succeeds
+  only that command exists, and any CommandNotFound error in that mode reads "Expecting
+  capabilities negotiation with 'qmp_capabilities'"; `exec-oob` of a command that does not
+  allow it is refused.
+- Once oob is enabled, in-band requests wait in a queue, served one at a time in order, while
+  `exec-oob` requests run at once; at most INBAND_QUEUE in-band requests wait (the one being
+  served included), and the connection is not read while the queue is full.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,6 +45,8 @@ NO_ID: Final = _NoId()
 NOT_AN_OBJECT = "QMP input must be a JSON object"
 NEGOTIATION_FIRST = "Expecting capabilities negotiation with 'qmp_capabilities'"
 CAPABILITIES = ("oob",)
+# QEMU's limit on in-band requests waiting once oob is enabled (the one being served included).
+INBAND_QUEUE = 8
 
 
 @dataclass(slots=True)
@@ -52,14 +62,20 @@ class Session:
 
     def __init__(
         self, *, version: tuple[int, int, int], package: str, offer_oob: bool = True,
-        pretty: bool = False,
+        pretty: bool = False, commands: Mapping[str, bool] | None = None,
     ) -> None:
+        """COMMANDS: each command's name, and whether it may run out of band."""
         self.version = version
         self.package = package
         self.offered = ("oob",) if offer_oob else ()
         self.negotiated = False
         self.oob_enabled = False
         self._encode = encode_pretty if pretty else encode
+        self._commands: Mapping[str, bool] = commands or {}
+        # In-band requests waiting (each with the input bytes it holds), and whether one is
+        # being served.
+        self._inband: deque[tuple[object, int]] = deque()
+        self._serving = False
 
     # -- output ----------------------------------------------------------------------------
 
@@ -130,6 +146,25 @@ class Session:
         assert isinstance(command, str) and isinstance(arguments, dict)
         return Request(command, arguments, request_id, exec_key == "exec-oob")
 
+    def admit(self, request: Request) -> QmpError | None:
+        """The protocol's checks of the command itself, before its arguments are looked at:
+        the error to answer REQUEST with, or None."""
+        name = request.command
+        allow_oob = self._commands.get(name)
+        if allow_oob is None or (not self.negotiated and name != "qmp_capabilities"):
+            return QmpError("CommandNotFound", f"The command {name} has not been found")
+        if request.oob and not allow_oob:
+            return generic(f"The command {name} does not support OOB")
+        return None
+
+    def receive(self, item: object) -> Request | bytes:
+        """A parsed input value: the request to run, or the bytes of the error reply."""
+        request = self.accept(item)
+        if isinstance(request, bytes):
+            return request
+        error = self.admit(request)
+        return request if error is None else self.error_reply(request.id, error)
+
     @staticmethod
     def is_oob(item: object) -> bool:
         """Whether QEMU runs this input at once, ahead of queued requests: an object with
@@ -149,6 +184,33 @@ class Session:
                 raise generic(f"Capability '{capability}' not available")
         self.oob_enabled = "oob" in enable
         self.negotiated = True
+
+
+    # -- the in-band queue (once oob is enabled) ---------------------------------------------
+
+    def queues(self, item: object) -> bool:
+        """Whether ITEM waits its turn in the in-band queue rather than running at once."""
+        return self.oob_enabled and not self.is_oob(item)
+
+    @property
+    def inband_full(self) -> bool:
+        """No more in-band requests may wait: stop reading until one has been served."""
+        return len(self._inband) + self._serving >= INBAND_QUEUE
+
+    def enqueue(self, item: object, held: int) -> None:
+        """ITEM waits in the in-band queue, holding HELD bytes of input until it is served."""
+        self._inband.append((item, held))
+
+    def next_inband(self) -> tuple[object, int] | None:
+        """The in-band request to serve now and the bytes it held (None if none waits);
+        `served` says when it is done."""
+        if self._serving or not self._inband:
+            return None
+        self._serving = True
+        return self._inband.popleft()
+
+    def served(self) -> None:
+        self._serving = False
 
 
 _EMPTY: Final[dict[str, object]] = {}

@@ -1,17 +1,71 @@
-"""What every node is: a name, a size, and its users."""
+"""What every node is, and what every driver declares.
+
+A node has a name, a size, its users (the jobs reading and writing it, its parents in the
+graph) and the I/O every driver provides. Beyond read and write, the interface has what copies
+and backing chains need, so that no caller has to know which driver a node is:
+
+- `backing`: the node a format node falls through to for what it does not hold (None for the
+  drivers so far, which have no backing files);
+- `block_status`: for a range, how much of it from the start is data or reads as zeroes, and
+  whether this layer holds it;
+- `host_extent`: where a range's bytes live in a host file, so that a copy between two files
+  can go through os.copy_file_range;
+- and what query-named-block-nodes reports of it (`exact_filename`, `format_info`,
+  `allocated_size`).
+
+A driver is declared by a `Driver` (registry.py lists them): its name, how it opens a node from
+blockdev-add's options; its node class says which of those options change the data.
+"""
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..graph import BlockError
+from ..errors import BlockError
+
+if TYPE_CHECKING:
+    from .file import FileNode
 
 _serials = itertools.count()
+SECTOR = 512
+
+
+def sectors_up(size: int) -> int:
+    """SIZE rounded up to whole sectors, the block layer's unit of length."""
+    return -(-size // SECTOR) * SECTOR
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """The status of a range's first LENGTH bytes: all of them alike."""
+
+    length: int
+    # Reads as zeroes (a hole, a range past the data, a node that holds nothing).
+    zero: bool
+    # Held by this node's own layer (not by its backing chain, nor unallocated).
+    allocated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HostExtent:
+    """Where a node's range lives on the host: OFFSET in the file node FILE, for LENGTH bytes."""
+
+    file: FileNode
+    offset: int
+    length: int
 
 
 class Node:
-    driver = ""
+    # What the driver is: its name, the options that change the data (QEMU's strong runtime
+    # options, besides driver and filename: a node opened with one is described by a "json:"
+    # file name), and whether it is opened over the host itself rather than over another node
+    # (QEMU's protocol drivers).
+    driver: ClassVar[str] = ""
+    strong_options: ClassVar[tuple[str, ...]] = ()
+    is_protocol: ClassVar[bool] = False
 
     def __init__(self, name: str, size: int, read_only: bool = False) -> None:
         self.name = name
@@ -26,8 +80,11 @@ class Node:
         self.parents: list[Node] = []
         self.monitor_owned = True
         self.child: Node | None = None
+        self.backing: Node | None = None
         # The checked blockdev-add options the node was opened with (for query-named-block-nodes).
         self.options: dict[str, Any] = {}
+
+    # -- who may use the node ------------------------------------------------------------------
 
     def _busy(self, job: str) -> BlockError:
         return BlockError(f"Node '{self.name}' is busy: block device is in use by block job: {job}")
@@ -64,6 +121,8 @@ class Node:
         if self.source_of or self.parents:
             raise BlockError(f"Block device {self.name} is in use")
 
+    # -- I/O -------------------------------------------------------------------------------
+
     async def read(self, offset: int, length: int) -> bytes | None:
         """LENGTH bytes at OFFSET; None for a range that reads as zeroes."""
         raise NotImplementedError
@@ -83,3 +142,75 @@ class Node:
 
     async def close(self) -> None:
         """Release what the node holds (descriptors); after flush, on blockdev-del."""
+
+    # -- what copies and chains need -----------------------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        """The status of [OFFSET, OFFSET+LENGTH) from its start: a prefix of it that is all
+        alike. May block (it asks the host file system): call it from a worker thread where the
+        node has a host file."""
+        raise NotImplementedError
+
+    def host_extent(self, offset: int, length: int) -> HostExtent | None:
+        """Where [OFFSET, OFFSET+LENGTH) lives in a host file, if all of it lives in one at one
+        place; None otherwise (a node that keeps no bytes, a format that maps them)."""
+        return None
+
+    # -- what query-named-block-nodes reports ---------------------------------------------------
+
+    @property
+    def strong_options_given(self) -> bool:
+        """Whether the node was opened with an option that changes its data."""
+        return any(key in self.options for key in self.strong_options)
+
+    def exact_filename(self) -> str:
+        """The plain file name that opens the node again, or "" if it takes a "json:"
+        description. A format node without data-changing options takes its protocol child's."""
+        child = self.child
+        if child is not None and child.is_protocol and not self.strong_options_given:
+            return child.exact_filename()
+        return ""
+
+    def format_info(self) -> dict[str, Any]:
+        """The driver's own members of the node's ImageInfo (QEMU's get-info)."""
+        return {}
+
+    def allocated_size(self) -> int:
+        """Bytes the node takes on the host (a format node: its file's). May block: from a
+        worker thread."""
+        return self.child.allocated_size() if self.child is not None else 0
+
+
+class Opener(Protocol):
+    """What a driver needs of the graph to open a node (nodes.py provides it)."""
+
+    def lookup(self, name: str) -> Node:
+        """A node the options refer to by name."""
+        ...
+
+    async def open_child(
+        self, parent: str, options: dict[str, Any], inherited: dict[str, Any]
+    ) -> Node:
+        """A child given inline (a dict of options), opened with INHERITED settings."""
+        ...
+
+
+OpenNode = Callable[[Opener, str, dict[str, Any], dict[str, Any]], Awaitable[Node]]
+# blockdev-create's options for the driver -> the image made. Blocking: a worker's job.
+CreateImage = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Driver:
+    """A driver as the registry knows it: the class of its nodes (which says what the driver
+    is and reports), how it opens one and, if it can, how it creates an image.
+    `open(opener, name, options, inherited)` makes a node from blockdev-add's checked options;
+    INHERITED holds the settings an inline child takes from its parent (read-only, cache)."""
+
+    node_type: type[Node]
+    open: OpenNode
+    create: CreateImage | None = None
+
+    @property
+    def name(self) -> str:
+        return self.node_type.driver

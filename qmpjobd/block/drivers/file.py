@@ -18,13 +18,14 @@ import mmap
 import os
 import stat
 import struct
+from typing import Any
 
 import trio
 
-from ..graph import BlockError
-from .base import Node
+from ..errors import BlockError
+from . import file_create
+from .base import Driver, Extent, HostExtent, Node, Opener, sectors_up
 
-SECTOR = 512
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 # F_OFD_* are in Linux's fcntl.h; Python's fcntl module has them only on some builds.
@@ -99,6 +100,7 @@ def _is_hole(fd: int, offset: int, length: int) -> bool:
 
 class FileNode(Node):
     driver = "file"
+    is_protocol = True
 
     def __init__(
         self, name: str, fd: int, filename: str, *, read_only: bool, no_flush: bool,
@@ -107,7 +109,7 @@ class FileNode(Node):
         st = os.fstat(fd)
         self.file_size = st.st_size
         # The block layer counts whole sectors: a 1000-byte file is a 1024-byte node.
-        super().__init__(name, -(-st.st_size // SECTOR) * SECTOR, read_only)
+        super().__init__(name, sectors_up(st.st_size), read_only)
         self.fd = fd
         self.filename = filename
         self.no_flush = no_flush
@@ -247,8 +249,85 @@ class FileNode(Node):
             await trio.to_thread.run_sync(os.close, fd)
 
 
+    # -- status and place of a range, and what query-named-block-nodes reports ----------------
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        """Data or hole, from SEEK_DATA/SEEK_HOLE; what lies past the end of the file (the rest
+        of its last sector) reads as zeroes. Blocking: a worker's job."""
+        data_end = min(offset + length, self.file_size)
+        if offset >= data_end:
+            return Extent(length, zero=True, allocated=True)
+        try:
+            start = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from here on
+                return Extent(length, zero=True, allocated=True)
+            return Extent(data_end - offset, zero=False, allocated=True)  # no SEEK_DATA here
+        if start > offset:
+            return Extent(min(start, offset + length) - offset, zero=True, allocated=True)
+        try:
+            stop = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            stop = data_end
+        # At least one byte: the file may change under us between the two calls.
+        return Extent(max(min(stop, data_end) - offset, 1), zero=False, allocated=True)
+
+    def host_extent(self, offset: int, length: int) -> HostExtent | None:
+        return HostExtent(self, offset, length)
+
+    def exact_filename(self) -> str:
+        return self.filename
+
+    def format_info(self) -> dict[str, object]:
+        # The file driver answers QEMU's get-info: its image has a dirty flag (always clear).
+        return {"dirty-flag": False}
+
+    def allocated_size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_blocks * 512 if self.fd >= 0 else 0
+        except OSError:
+            return 0  # closed meanwhile: it will not be listed again
+
+
+async def open_file_node(
+    opener: Opener, name: str, options: dict[str, Any], inherited: dict[str, Any]
+) -> Node:
+    """blockdev-add's `file` driver, with QEMU's checks and messages."""
+    discard = options.get("discard", "ignore") == "unmap"
+    if options.get("detect-zeroes") == "unmap" and not discard:
+        raise BlockError(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to "
+            "unmap"
+        )
+    cache = {**inherited.get("cache", {}), **options.get("cache", {})}
+    direct = cache.get("direct", False)
+    if options.get("aio") == "native" and not direct:
+        raise BlockError(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified."
+        )
+    filename = options["filename"]
+    fd, read_only = await trio.to_thread.run_sync(
+        lambda: open_file(
+            filename, read_only=options.get("read-only", inherited.get("read-only", False)),
+            auto_read_only=options.get("auto-read-only", False), direct=direct,
+        )
+    )
+    try:
+        # locking=auto: QEMU locks wherever the file system has OFD locks (every Linux one).
+        return FileNode(
+            name, fd, filename, read_only=read_only, no_flush=cache.get("no-flush", False),
+            direct=direct, discard=discard, locking=options.get("locking", "auto") != "off",
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+DRIVER = Driver(FileNode, open_file_node, file_create.create)
+
+
 def open_file(
-    name: str, filename: str, *, read_only: bool, auto_read_only: bool, direct: bool,
+    filename: str, *, read_only: bool, auto_read_only: bool, direct: bool,
 ) -> tuple[int, bool]:
     """Open FILENAME as QEMU's file driver does: (descriptor, read-only). With auto-read-only a
     file that cannot be opened for writing is opened read-only. Blocking: a worker's job."""

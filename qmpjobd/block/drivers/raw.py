@@ -5,11 +5,15 @@ No format of its own: every request goes to the child, shifted by the window's o
 
 from __future__ import annotations
 
-from .base import Node
+from typing import Any
+
+from ..errors import BlockError
+from .base import SECTOR, Driver, Extent, HostExtent, Node, Opener, sectors_up
 
 
 class RawNode(Node):
     driver = "raw"
+    strong_options = ("offset", "size")
 
     def __init__(
         self, name: str, child: Node, offset: int, size: int, read_only: bool,
@@ -33,3 +37,62 @@ class RawNode(Node):
 
     def drop_write(self) -> None:
         self.file.drop_write()
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        return self.file.block_status(self.offset + offset, length)
+
+    def host_extent(self, offset: int, length: int) -> HostExtent | None:
+        return self.file.host_extent(self.offset + offset, length)
+
+    def format_info(self) -> dict[str, Any]:
+        return self.file.format_info()  # raw passes QEMU's get-info down
+
+    def allocated_size(self) -> int:
+        return self.file.allocated_size()
+
+
+async def open_raw(
+    opener: Opener, name: str, options: dict[str, Any], inherited: dict[str, Any]
+) -> Node:
+    """blockdev-add's `raw` driver: its child by reference or inline, its window checked."""
+    ref = options["file"]
+    read_only = options.get("read-only", inherited.get("read-only", False))
+    if isinstance(ref, str):
+        child = opener.lookup(ref)
+        inline = False
+    else:
+        # An inline child takes its parent's read-only and cache settings unless it has its own.
+        cache = {**inherited.get("cache", {}), **options.get("cache", {})}
+        child = await opener.open_child(name, ref, {"read-only": read_only, "cache": cache})
+        inline = True
+    try:
+        offset = options.get("offset", 0)
+        if offset < 0:
+            raise BlockError("Parameter 'offset' expects a non-negative number below 2^64")
+        has_size = "size" in options
+        size = options.get("size", 0)
+        if size < 0:
+            raise BlockError("Parameter 'size' expects a non-negative number below 2^64")
+        real = child.size
+        if offset > real:
+            raise BlockError(
+                f"Offset ({offset}) cannot be greater than size of the containing file ({real})"
+            )
+        if has_size and real - offset < size:
+            # QEMU's message has the double space.
+            raise BlockError(
+                f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to "
+                f"the  actual size of the containing file ({real})"
+            )
+        if has_size and size % SECTOR:
+            raise BlockError(f"Specified size is not multiple of {SECTOR}")
+    except BaseException:
+        if inline:
+            await child.close()
+        raise
+    node = RawNode(name, child, offset, sectors_up(size if has_size else real - offset), read_only)
+    child.monitor_owned = not inline
+    return node
+
+
+DRIVER = Driver(RawNode, open_raw)

@@ -13,9 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from ...jobs.job import Emit
-from ..datapath import CopyFailed, copy
+from ...jobs.manager import JobManager
+from ..datapath import copy
 from ..drivers.base import Node
-from .blockjob import BlockJob
+from ..errors import BlockError, CopyFailed
+from ..graph import BlockGraph
+from .blockjob import BlockJob, dirty_bitmap, new_job_id
 
 CLUSTER = 65536
 DEFAULT_CHUNK = 1 << 20
@@ -86,6 +89,11 @@ class BackupJob(BlockJob):
             await self.retry_after(action)
             todo = failed
 
+    def source_bitmap(self) -> dict[str, Any]:
+        # QEMU's copy bitmap: what is left to copy (cluster-aligned, like the job's progress).
+        count = max(self.progress_total - self.progress_current, 0)
+        return dirty_bitmap(count, CLUSTER, recording=False)
+
     async def _copy(self, offset: int, step: int) -> None:
         # The last cluster may hold fewer bytes than a cluster: copy only those.
         length = min(step, self.source.size - offset)
@@ -94,3 +102,46 @@ class BackupJob(BlockJob):
             await copy(self.source, self.target, offset, length)
         finally:
             self.io_end()
+
+
+def backup_job(
+    graph: BlockGraph, jobs: JobManager, args: dict[str, Any], target: Node | None = None
+) -> BackupJob:
+    """A blockdev-backup's checks in QEMU's order, then the job (not yet created). ARGS: the
+    BackupCommon members by their wire names. TARGET: a drive-backup's own target node, in
+    place of the node args['target'] names."""
+    source = graph.lookup(args["device"])
+    if target is None:
+        target = graph.lookup(args["target"])
+    if source is target:
+        raise BlockError("Source and target cannot be the same")
+    source.check_backup_source()
+    target.check_target()
+    perf = args.get("x-perf", {})
+    workers = perf.get("max-workers", 64)
+    if workers < 1 or workers > 2147483647:
+        raise BlockError("max-workers must be between 1 and 2147483647")
+    max_chunk = perf.get("max-chunk", 0)
+    if max_chunk < 0:
+        raise BlockError("max-chunk must be zero (which means no limit) or positive")
+    sync = args["sync"]
+    if sync in ("incremental", "bitmap") and "bitmap" not in args:
+        raise BlockError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if source.size != target.size:
+        raise BlockError("Source and target image have different sizes")
+    if max_chunk and max_chunk < CLUSTER:
+        raise BlockError(
+            f"Required max-chunk ({max_chunk}) is less than backup cluster size ({CLUSTER})"
+        )
+    job_id = new_job_id(jobs, args.get("job-id"))
+    try:
+        return BackupJob(
+            job_id, jobs.emit, source, target, sync=sync, max_chunk=max_chunk,
+            auto_finalize=args.get("auto-finalize", True),
+            auto_dismiss=args.get("auto-dismiss", True),
+            on_source_error=args.get("on-source-error", "report"),
+            on_target_error=args.get("on-target-error", "report"),
+        )
+    except BlockError as e:
+        # QEMU meets the target's image lock while inserting its copy-before-write node.
+        raise BlockError(f"Could not create node: {e}") from None

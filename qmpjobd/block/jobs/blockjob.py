@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from ...jobs.errors import DeviceNotActive
 from ...jobs.job import Emit, Job
-from ..datapath import CopyFailed
+from ...jobs.manager import JobManager
+from ...jobs.status import JobStatus
 from ..drivers.base import Node
+from ..errors import BlockError, CopyFailed
 
 # How long a job waits before it retries a request whose error it was told to ignore: QSD
 # retries at once, and sends a BLOCK_JOB_ERROR for every attempt; a pause between attempts
@@ -37,6 +40,12 @@ class BlockJob(Job):
         source.source_of.append(self.job_type)
         target.target_of = self.job_type
         self._holding = True
+        # The error QEMU meets once the job is created (a drive-* target's image lock).
+        self.late_error: str | None = None
+
+    def check_created(self) -> None:
+        if self.late_error is not None:
+            raise BlockError(self.late_error)
 
     def _release(self) -> None:
         if self._holding:
@@ -108,6 +117,11 @@ class BlockJob(Job):
             data["error"] = self.error
             self._emit("BLOCK_JOB_COMPLETED", data)
 
+    def source_bitmap(self) -> dict[str, Any] | None:
+        """The dirty bitmap the job keeps on its source, as query-named-block-nodes lists it
+        (None: the job keeps none)."""
+        return None
+
     def reports_paused(self) -> bool:
         """query-block-jobs' `paused`."""
         return self.pause_count > 0
@@ -122,11 +136,34 @@ class BlockJob(Job):
             "paused": self.reports_paused(),
             "speed": self.speed,
             "io-status": self.io_status,
-            "ready": self.status in ("ready", "standby"),
-            "status": self.status,
+            "ready": self.status in (JobStatus.READY, JobStatus.STANDBY),
+            "status": self.status.value,
             "auto-finalize": self.auto_finalize,
             "auto-dismiss": self.auto_dismiss,
         }
         if self.error is not None:
             info["error"] = self.error
         return info
+
+
+def dirty_bitmap(count: int, granularity: int, *, recording: bool) -> dict[str, Any]:
+    """A BlockDirtyInfo: COUNT dirty bytes, tracked in GRANULARITY-byte pieces."""
+    return {"busy": False, "count": count, "granularity": granularity, "persistent": False,
+            "recording": recording}
+
+
+def new_job_id(jobs: JobManager, job_id: str | None) -> str:
+    """The id of a new block job, checked. Without a job-id QEMU names the job after the
+    device; QSD's nodes have no device name."""
+    job_id = job_id or ""
+    jobs.check_new_id(job_id)
+    return job_id
+
+
+def find_block_job(jobs: JobManager, job_id: str) -> BlockJob:
+    """The block-job-* commands' lookup, with their error class and words. (blockdev-create's
+    job is no block job: QEMU's block_job_get() does not find it.)"""
+    job = jobs.get(job_id)
+    if not isinstance(job, BlockJob):
+        raise DeviceNotActive(f"Block job '{job_id}' not found")
+    return job

@@ -15,9 +15,13 @@ import trio
 
 from ...jobs.errors import JobError
 from ...jobs.job import Emit
-from ..datapath import CopyFailed, copy, on_host_files
+from ...jobs.manager import JobManager
+from ...jobs.status import JobStatus
+from ..datapath import copy, on_host_files
 from ..drivers.base import Node
-from .blockjob import BlockJob
+from ..errors import BlockError, CopyFailed
+from ..graph import BlockGraph
+from .blockjob import BlockJob, dirty_bitmap, new_job_id
 
 DEFAULT_BUF_SIZE = 1 << 24
 # As QEMU's mirror: at most this many requests in flight, each of at least MIN_REQUEST bytes
@@ -60,7 +64,7 @@ class MirrorJob(BlockJob):
             if not self.is_cancelled:
                 await self.sleep_ns(self.limit.delay_ns(0))
         await self.pause_point()
-        self.transition("ready")
+        self.transition(JobStatus.READY)
         self.on_ready()
         while not self.should_complete:
             await self.sleep_ns(1 << 62)
@@ -113,8 +117,13 @@ class MirrorJob(BlockJob):
         self.progress_current += length
         self.limit.delay_ns(length)
 
+    def source_bitmap(self) -> dict[str, Any]:
+        # QEMU clears a dirty range as soon as it issues its copy, and issues up to the job's
+        # buffer at once: nothing is left dirty here without writes by others.
+        return dirty_bitmap(0, self.granularity, recording=True)
+
     def soft_cancel_completes(self) -> bool:
-        return self.status in ("ready", "standby")
+        return self.status in (JobStatus.READY, JobStatus.STANDBY)
 
     def request_cancel(self, force: bool) -> None:
         super().request_cancel(force)
@@ -130,4 +139,40 @@ class MirrorJob(BlockJob):
 
     def reports_paused(self) -> bool:
         # QSD shows a mirror that has finished its work as paused.
-        return self.pause_count > 0 or self.status == "pending"
+        return self.pause_count > 0 or self.status == JobStatus.PENDING
+
+
+def blockdev_mirror_job(
+    graph: BlockGraph, jobs: JobManager, *, device: str, target: str, **options: Any
+) -> MirrorJob:
+    """A blockdev-mirror's checks of its nodes, then mirror_job's of the rest of OPTIONS."""
+    source = graph.lookup(device)
+    target_node = graph.lookup(target)
+    if source is target_node:
+        raise BlockError("Can't mirror node into itself")
+    source.check_mirror_source()
+    target_node.check_target()
+    return mirror_job(jobs, source, target_node, **options)
+
+
+def mirror_job(
+    jobs: JobManager, source: Node, target: Node, *, sync: str, job_id: str | None,
+    granularity: int = 0, buf_size: int = 0, auto_finalize: bool = True,
+    auto_dismiss: bool = True, on_source_error: str = "report",
+    on_target_error: str = "report",
+) -> MirrorJob:
+    """A mirror's checks of its options in QEMU's order, then the job (not yet created)."""
+    if granularity and not 512 <= granularity <= 64 << 20:
+        raise BlockError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if granularity & (granularity - 1):
+        raise BlockError("Parameter 'granularity' expects a power of 2")
+    if buf_size < 0:
+        raise BlockError("Invalid parameter 'buf-size'")
+    if sync in ("incremental", "bitmap"):
+        raise BlockError(f"Sync mode '{sync}' not supported")
+    return MirrorJob(
+        new_job_id(jobs, job_id), jobs.emit, source, target, sync=sync,
+        granularity=granularity, buf_size=buf_size, auto_finalize=auto_finalize,
+        auto_dismiss=auto_dismiss, on_source_error=on_source_error,
+        on_target_error=on_target_error,
+    )

@@ -7,8 +7,11 @@ replies; while the job lasts (auto-finalize off) it holds its node.
 from __future__ import annotations
 
 from ...jobs.job import Emit
+from ...jobs.manager import JobManager
+from ..chain import check_stream
 from ..drivers.base import Node
-from .blockjob import BlockJob
+from ..graph import BlockGraph
+from .blockjob import BlockJob, new_job_id
 
 
 class StreamJob(BlockJob):
@@ -25,3 +28,21 @@ class StreamJob(BlockJob):
 
     async def run(self) -> None:
         await self.pause_point()
+
+
+def stream_job(
+    graph: BlockGraph, jobs: JobManager, *, device: str, job_id: str | None,
+    base: str | None, base_node: str | None, bottom: str | None, backing_file: str | None,
+    auto_finalize: bool, auto_dismiss: bool,
+) -> StreamJob:
+    """block-stream's checks in QEMU's order, then its job (not yet created)."""
+    node = graph.lookup(device)
+    check_stream(
+        graph, node, device, base=base, base_node=base_node, bottom=bottom,
+        backing_file=backing_file,
+    )
+    node.check_backup_source()  # a backup's source may be streamed, not what a job writes
+    return StreamJob(
+        new_job_id(jobs, job_id), jobs.emit, node, auto_finalize=auto_finalize,
+        auto_dismiss=auto_dismiss,
+    )

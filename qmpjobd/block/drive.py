@@ -1,0 +1,167 @@
+"""drive-backup's and drive-mirror's own targets: image files opened by name.
+
+The target is opened as QEMU opens it, through the driver registry like any node, as internal
+nodes QSD names '#blockNNN': the monitor does not see them (no blockdev-del), the graph lists
+them while their job lasts, and they are closed when the job ends. Mode absolute-paths first
+creates the image (raw, the source's size; the file is left behind if a later check fails, as
+QEMU leaves it), mode existing opens the file there is.
+
+QEMU's image locks keep a job off a target whose file is under a writable format node (such a
+node takes its file's write permission and shares it with no one); a bare file node does not
+hold it until a job writes it. QEMU finds out once the job is created: the job goes away at
+once (BlockJob.late_error).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import trio
+
+from ..jobs.manager import JobManager
+from .drivers.base import Node
+from .drivers.file import FileNode
+from .drivers.file_create import create_file
+from .errors import BlockError
+from .graph import BlockGraph
+from .jobs.backup import BackupJob, backup_job
+from .jobs.blockjob import BlockJob
+from .jobs.mirror import MirrorJob, mirror_job
+from .nodes import open_internal
+
+# The formats a drive-* target may have here.
+_SUPPORTED_FORMATS = ("raw", "file")
+_CANNOT_CREATE = ("null-co", "null-aio")
+# Other format drivers QEMU 7.2 has: known, but not implemented here.
+_OTHER_FORMATS = frozenset({
+    "qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks", "bochs",
+    "cloop", "dmg", "blkdebug", "blkverify", "blklogwrites", "quorum", "throttle",
+    "copy-on-read", "compress", "preallocate", "replication", "host_device", "host_cdrom",
+    "nbd", "nfs", "ssh", "iscsi", "rbd", "gluster", "http", "https", "ftp", "ftps", "vvfat",
+    "snapshot-access", "copy-before-write",
+})
+
+
+async def drive_backup_job(graph: BlockGraph, jobs: JobManager, args: dict[str, Any]) -> BackupJob:
+    """A drive-backup's checks in QEMU's order: its target made or opened, then the job (not
+    yet created), which closes that target when it ends."""
+    source = graph.lookup(args["device"])
+    # QEMU opens a drive-backup target with these, past the format's own checks.
+    target = await _open_target(graph, source, args, {"discard": "unmap", "detect-zeroes": "unmap"})
+    try:
+        if args["sync"] == "none":
+            # The target would get the source as its backing file; raw and file have none.
+            raise BlockError(
+                f"Driver '{target.driver}' of node '{target.name}' does not support backing "
+                "files"
+            )
+        job = backup_job(graph, jobs, args, target)
+        job.late_error = _lock_conflict(graph, target, "write")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await close_target(graph, target)
+        raise
+    _close_when_ended(graph, jobs, job, target)
+    return job
+
+
+async def drive_mirror_job(graph: BlockGraph, jobs: JobManager, args: dict[str, Any]) -> MirrorJob:
+    """A drive-mirror's checks in QEMU's order, its target opened, then the job (not yet
+    created), which closes that target when it ends."""
+    source = graph.lookup(args["device"])
+    source.check_mirror_source()
+    if "replaces" in args:
+        if "node-name" not in args:
+            raise BlockError(
+                "a node-name must be provided when replacing a named node of the graph"
+            )
+        raise BlockError("not implemented yet")
+    target = await _open_target(graph, source, args, {})
+    try:
+        job = mirror_job(
+            jobs, source, target, sync=args["sync"], job_id=args.get("job-id"),
+            granularity=args.get("granularity", 0), buf_size=args.get("buf-size", 0),
+            auto_finalize=args.get("auto-finalize", True),
+            auto_dismiss=args.get("auto-dismiss", True),
+            on_source_error=args.get("on-source-error", "report"),
+            on_target_error=args.get("on-target-error", "report"),
+        )
+        job.late_error = _lock_conflict(graph, target, "consistent read")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await close_target(graph, target)
+        raise
+    _close_when_ended(graph, jobs, job, target)
+    return job
+
+
+async def _open_target(
+    graph: BlockGraph, source: Node, args: dict[str, Any], extra: dict[str, str]
+) -> Node:
+    mode = args.get("mode", "absolute-paths")
+    filename = args["target"]
+    fmt = args.get("format")
+    if fmt is None and mode != "existing":
+        fmt = source.driver
+    if fmt is not None and fmt not in _SUPPORTED_FORMATS:
+        if fmt in _CANNOT_CREATE:
+            if mode != "existing":
+                raise BlockError(f"Format driver '{fmt}' does not support image creation")
+        elif fmt not in _OTHER_FORMATS:
+            raise BlockError(f"Unknown file format '{fmt}'")
+        raise BlockError("not implemented yet")
+    if mode != "existing":
+        if args["sync"] == "none":
+            # The new image would have the source as its backing file.
+            raise BlockError(f"Backing file not supported for file format '{fmt}'")
+        await trio.to_thread.run_sync(create_file, filename, source.size, "off", False)
+    file = {"driver": "file", "filename": filename}
+    # Without a format, QEMU probes the image: raw, for every image this milestone knows.
+    options = {**file, **extra} if fmt == "file" else {"driver": "raw", **extra, "file": file}
+    node = await open_internal(graph, options)
+    graph.add_internal(node)
+    return node
+
+
+def _lock_conflict(graph: BlockGraph, target: Node, lock: str) -> str | None:
+    """The error QEMU's image locks give a job writing TARGET, if another node holds its
+    file: one under a writable format node, or one a job writes."""
+    file = target.child if target.child is not None else target
+    if not isinstance(file, FileNode):
+        return None
+    st = os.fstat(file.fd)
+    for node in [*graph.nodes(), *graph.internal_nodes()]:
+        if node is file or not isinstance(node, FileNode) or node.fd < 0:
+            continue
+        if any(not parent.read_only for parent in node.parents) or node.target_of:
+            other = os.fstat(node.fd)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return f'Failed to get shared "{lock}" lock'
+    return None
+
+
+async def close_target(graph: BlockGraph, node: Node) -> None:
+    """Flush and close a drive-* target (and its file node); the graph lets go of it."""
+    graph.remove_internal(node)
+    try:
+        await node.flush()
+    except OSError:
+        pass  # QEMU closes the image whatever its flush says
+    finally:
+        await node.close()
+        if node.child is not None:
+            await node.child.close()
+
+
+def _close_when_ended(graph: BlockGraph, jobs: JobManager, job: BlockJob, target: Node) -> None:
+    graph.hold(target, job)
+
+    async def watch() -> None:
+        while not job.finished:
+            await job.changed()
+        with trio.CancelScope(shield=True):
+            await close_target(graph, target)
+
+    jobs.start_soon(watch)
+

@@ -1,0 +1,22 @@
+"""The drivers a node may be opened with, by name: blockdev-add's `driver`.
+
+A new driver (qcow2, say) is a module with its node class and its open function, declared by a
+`Driver` and listed here; nothing else switches on driver names.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ..errors import BlockError
+from . import file, null, raw
+from .base import Driver
+
+DRIVERS: Final[dict[str, Driver]] = {d.name: d for d in (file.DRIVER, raw.DRIVER, null.DRIVER)}
+
+
+def driver(name: str) -> Driver:
+    found = DRIVERS.get(name)
+    if found is None:
+        raise BlockError(f"Unknown driver '{name}'")
+    return found
