@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CORPUS = REPO / "tests" / "fuzz-corpus"
 QMP_DIR = REPO / "qmpjobd" / "qmp"
-QMP_MODULES = ["framing", "session", "encode", "errors", "greeting"]
+QMP_MODULES = ["framing", "lexer", "tokens", "fastpath", "session", "encode", "errors", "greeting"]
 ERROR_CLASSES = frozenset(
     {"GenericError", "CommandNotFound", "DeviceNotActive", "DeviceNotFound", "KVMMissingCap"}
 )

@@ -1,6 +1,9 @@
-"""The error every handler and protocol check raises: a QMP error class and its description."""
+"""The protocol's errors: the QMP error every handler and protocol check raises (a class and its
+description), and the framing error a malformed input becomes."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class QmpError(Exception):
@@ -24,3 +27,11 @@ class QmpError(Exception):
 
 def generic(desc: str) -> QmpError:
     return QmpError("GenericError", desc)
+
+
+@dataclass(frozen=True, slots=True)
+class FramingError:
+    """A syntax error or a limit hit in the input: a value the splitter yields in place of a
+    message. QMP answers it with a GenericError carrying `desc`."""
+
+    desc: str
