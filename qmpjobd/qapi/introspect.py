@@ -24,12 +24,15 @@ from .schema import (
     ObjectType,
     Schema,
     Type,
+    TypeVisitor,
 )
 
 SchemaInfo = dict[str, object]
 
 
-class _Introspector:
+class _Introspector(TypeVisitor[None, None]):
+    """Emits each reached type's entry (a visitor over the types: `typ.accept(self, None)`)."""
+
     def __init__(self, schema: Schema, defines: frozenset[str]) -> None:
         self.schema = schema
         self.defines = defines
@@ -47,7 +50,7 @@ class _Introspector:
                 self.event(entity)
         i = 0
         while i < len(self.used):  # the list grows while we walk it
-            self.type(self.used[i])
+            self.used[i].accept(self, None)
             i += 1
         return self.entries
 
@@ -66,11 +69,7 @@ class _Introspector:
         if typ.name not in self.seen:
             self.seen.add(typ.name)
             self.used.append(typ)
-        if isinstance(typ, BuiltinType):
-            return typ.name
-        if isinstance(typ, ArrayType):
-            return "[" + self.use(typ.element) + "]"
-        return self.number(typ.name)
+        return typ.accept(_Names(self), None)
 
     def _lookup(self, name: str) -> Type:
         found = self.schema.lookup_type(name)
@@ -108,38 +107,37 @@ class _Introspector:
         body: SchemaInfo = {"arg-type": self.use(event.arg_type or self.schema.empty_object)}
         self.emit(event.name, "event", body, event.cond, event.features)
 
-    def type(self, typ: Type) -> None:
-        if isinstance(typ, BuiltinType):
-            self.emit(typ.name, "builtin", {"json-type": typ.json_type}, typ.cond, [])
-        elif isinstance(typ, EnumType):
-            members: list[SchemaInfo] = []
-            for value in typ.values:
-                if not self.holds(value.cond):
-                    continue
-                member: SchemaInfo = {"name": value.name}
-                if value.features:
-                    member["features"] = self.features(value.features)
-                members.append(member)
-            values = [m["name"] for m in members]
-            body: SchemaInfo = {"members": members, "values": values}
-            self.emit(self.number(typ.name), "enum", body, typ.cond, typ.features)
-        elif isinstance(typ, ArrayType):
-            element = self.use(typ.element)
-            # An array exists exactly when its element type does.
-            self.emit(f"[{element}]", "array", {"element-type": element}, typ.element.cond, [])
-        elif isinstance(typ, ObjectType):
-            self.object(typ)
-        else:
-            assert isinstance(typ, AlternateType)
-            branches = []
-            for v in typ.variants.variants:
-                branch = {"type": self.use(v.type)}  # numbered even when left out
-                if self.holds(v.cond):
-                    branches.append(branch)
-            self.emit(self.number(typ.name), "alternate", {"members": branches}, typ.cond,
-                      typ.features)
+    def visit_builtin(self, typ: BuiltinType, arg: None) -> None:
+        self.emit(typ.name, "builtin", {"json-type": typ.json_type}, typ.cond, [])
 
-    def object(self, typ: ObjectType) -> None:
+    def visit_enum(self, typ: EnumType, arg: None) -> None:
+        members: list[SchemaInfo] = []
+        for value in typ.values:
+            if not self.holds(value.cond):
+                continue
+            member: SchemaInfo = {"name": value.name}
+            if value.features:
+                member["features"] = self.features(value.features)
+            members.append(member)
+        values = [m["name"] for m in members]
+        body: SchemaInfo = {"members": members, "values": values}
+        self.emit(self.number(typ.name), "enum", body, typ.cond, typ.features)
+
+    def visit_array(self, typ: ArrayType, arg: None) -> None:
+        element = self.use(typ.element)
+        # An array exists exactly when its element type does.
+        self.emit(f"[{element}]", "array", {"element-type": element}, typ.element.cond, [])
+
+    def visit_alternate(self, typ: AlternateType, arg: None) -> None:
+        branches = []
+        for v in typ.variants.variants:
+            branch = {"type": self.use(v.type)}  # numbered even when left out
+            if self.holds(v.cond):
+                branches.append(branch)
+        self.emit(self.number(typ.name), "alternate", {"members": branches}, typ.cond,
+                  typ.features)
+
+    def visit_object(self, typ: ObjectType, arg: None) -> None:
         members: list[SchemaInfo] = []
         for m in typ.members:
             member: SchemaInfo = {"name": m.name, "type": self.use(m.type)}
@@ -159,6 +157,24 @@ class _Introspector:
                     variants.append(variant)
             body["variants"] = variants
         self.emit(self.number(typ.name), "object", body, typ.cond, typ.features)
+
+
+class _Names(TypeVisitor[None, str]):
+    """What introspection calls a type: built-ins and arrays by name, the rest by number."""
+
+    def __init__(self, introspector: _Introspector) -> None:
+        self.introspector = introspector
+
+    def visit_builtin(self, typ: BuiltinType, arg: None) -> str:
+        return typ.name
+
+    def visit_array(self, typ: ArrayType, arg: None) -> str:
+        return "[" + self.introspector.use(typ.element) + "]"
+
+    def _numbered(self, typ: Type, arg: None) -> str:
+        return self.introspector.number(typ.name)
+
+    visit_enum = visit_object = visit_alternate = _numbered
 
 
 def introspect(schema: Schema, defines: frozenset[str] = frozenset()) -> list[SchemaInfo]:

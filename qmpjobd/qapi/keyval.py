@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schema import AlternateType, ArrayType, BuiltinType, EnumType, ObjectType, Type
+from .schema import AlternateType, ArrayType, BuiltinType, EnumType, ObjectType, Type, TypeVisitor
 
 _SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                   "p": 1 << 50, "e": 1 << 60}
@@ -72,40 +72,61 @@ def parse(text: str, implied: str | None = None) -> dict[str, Any]:
 
 def convert(value: Any, typ: Type, defines: frozenset[str], path: str = "") -> Any:
     """VALUE (strings and dicts from `parse`) as the JSON value TYP wants."""
-    if isinstance(typ, BuiltinType):
-        return _scalar(value, typ.name, path)
-    if isinstance(typ, EnumType) or not isinstance(value, (str, dict)):
-        return value
-    if isinstance(typ, AlternateType):
+    return typ.accept(_Convert(defines), (value, path))
+
+
+# A value from `parse` and its dotted path on the command line.
+_At = tuple[Any, str]
+
+
+class _Convert(TypeVisitor[_At, Any]):
+    def __init__(self, defines: frozenset[str]) -> None:
+        self.defines = defines
+
+    def visit_builtin(self, typ: BuiltinType, at: _At) -> Any:
+        return _scalar(at[0], typ.name, at[1])
+
+    def visit_enum(self, typ: EnumType, at: _At) -> Any:
+        return at[0]
+
+    def visit_alternate(self, typ: AlternateType, at: _At) -> Any:
+        value = at[0]
+        if not isinstance(value, (str, dict)):
+            return value
         for variant in typ.variants.variants:
-            if not variant.cond.holds(defines):
+            if not variant.cond.holds(self.defines):
                 continue
             wants_object = isinstance(variant.type, ObjectType)
             if wants_object == isinstance(value, dict):
-                return convert(value, variant.type, defines, path)
+                return variant.type.accept(self, at)
         return value
-    if isinstance(typ, ArrayType):
+
+    def visit_array(self, typ: ArrayType, at: _At) -> Any:
+        value, path = at
         if isinstance(value, dict) and all(k.isdigit() for k in value):
             items = [value[k] for k in sorted(value, key=int)]
-            return [convert(v, typ.element, defines, f"{path}.{i}") for i, v in enumerate(items)]
+            return [typ.element.accept(self, (v, f"{path}.{i}")) for i, v in enumerate(items)]
         return value
-    assert isinstance(typ, ObjectType)
-    if not isinstance(value, dict):
-        return value
-    members = {m.name: m for m in typ.members if m.cond.holds(defines)}
-    if typ.variants is not None:
-        tag = value.get(typ.variants.tag_member.name)
-        for variant in typ.variants.variants:
-            if variant.name == tag and isinstance(variant.type, ObjectType):
-                members.update(
-                    (m.name, m) for m in variant.type.members if m.cond.holds(defines)
-                )
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        member = members.get(key)
-        where = f"{path}.{key}" if path else key
-        out[key] = item if member is None else convert(item, member.type, defines, where)
-    return out
+
+    def visit_object(self, typ: ObjectType, at: _At) -> Any:
+        value, path = at
+        if not isinstance(value, dict):
+            return value
+        defines = self.defines
+        members = {m.name: m for m in typ.members if m.cond.holds(defines)}
+        if typ.variants is not None:
+            tag = value.get(typ.variants.tag_member.name)
+            for variant in typ.variants.variants:
+                if variant.name == tag and isinstance(variant.type, ObjectType):
+                    members.update(
+                        (m.name, m) for m in variant.type.members if m.cond.holds(defines)
+                    )
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            member = members.get(key)
+            where = f"{path}.{key}" if path else key
+            out[key] = item if member is None else member.type.accept(self, (item, where))
+        return out
 
 
 def _scalar(value: Any, name: str, path: str) -> Any:

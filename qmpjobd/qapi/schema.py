@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from .doc import Doc
 from .expr import c_name, check_exprs
@@ -197,10 +197,40 @@ class Entity:
                 doc.connect_feature(feature.name, feature.info)
 
 
+_Arg = TypeVar("_Arg")
+_Result = TypeVar("_Result")
+
+
+class TypeVisitor(Generic[_Arg, _Result]):
+    """Something done to a type, one method per kind of type, as QEMU's generator does it
+    (its visit_builtin_type, visit_enum_type, ...): `typ.accept(visitor, arg)` calls the
+    method for TYP's kind with ARG. The argument checker, introspection, the command line's
+    key=value conversion and the reply conformance check are such visitors."""
+
+    def visit_builtin(self, typ: BuiltinType, arg: _Arg) -> _Result:
+        raise NotImplementedError
+
+    def visit_enum(self, typ: EnumType, arg: _Arg) -> _Result:
+        raise NotImplementedError
+
+    def visit_array(self, typ: ArrayType, arg: _Arg) -> _Result:
+        raise NotImplementedError
+
+    def visit_object(self, typ: ObjectType, arg: _Arg) -> _Result:
+        raise NotImplementedError
+
+    def visit_alternate(self, typ: AlternateType, arg: _Arg) -> _Result:
+        raise NotImplementedError
+
+
 class Type(Entity):
     # The JSON type of its values: string, number, int, boolean, null, object, array, or
     # value (any of them).
     json_type = "value"
+
+    def accept(self, visitor: TypeVisitor[_Arg, _Result], arg: _Arg) -> _Result:
+        """VISITOR's method for this kind of type, applied to this type and ARG."""
+        raise NotImplementedError
 
     def describe(self) -> str:
         return f"{self.meta} type '{self.name}'"
@@ -221,6 +251,9 @@ class BuiltinType(Type):
         super().__init__(name, None)
         self.json_type = json_type
 
+    def accept(self, visitor: TypeVisitor[_Arg, _Result], arg: _Arg) -> _Result:
+        return visitor.visit_builtin(self, arg)
+
 
 class EnumType(Type):
     meta = "enum"
@@ -235,6 +268,9 @@ class EnumType(Type):
             value.defined_in = name
         self.values = values
         self.prefix = prefix
+
+    def accept(self, visitor: TypeVisitor[_Arg, _Result], arg: _Arg) -> _Result:
+        return visitor.visit_enum(self, arg)
 
     @property
     def implicit(self) -> bool:
@@ -268,6 +304,9 @@ class ArrayType(Type):
         super().__init__(name, info)
         self.element_name = element_name
         self._element: Type | None = None
+
+    def accept(self, visitor: TypeVisitor[_Arg, _Result], arg: _Arg) -> _Result:
+        return visitor.visit_array(self, arg)
 
     @property
     def implicit(self) -> bool:
@@ -397,6 +436,9 @@ class ObjectType(Type):
         # All members, the base's first; None until checked.
         self._members: list[ObjectMember] | None = None
 
+    def accept(self, visitor: TypeVisitor[_Arg, _Result], arg: _Arg) -> _Result:
+        return visitor.visit_object(self, arg)
+
     @property
     def implicit(self) -> bool:
         return self.name.startswith("q_")
@@ -477,6 +519,9 @@ class AlternateType(Type):
         variants.own(name)
         variants.tag_member.defined_in = name
         self.variants = variants
+
+    def accept(self, visitor: TypeVisitor[_Arg, _Result], arg: _Arg) -> _Result:
+        return visitor.visit_alternate(self, arg)
 
     def check(self, schema: Schema) -> None:
         super().check(schema)

@@ -43,6 +43,7 @@ from .schema import (
     ObjectMember,
     ObjectType,
     Type,
+    TypeVisitor,
 )
 
 
@@ -260,31 +261,53 @@ _cache: weakref.WeakKeyDictionary[Type, dict[tuple[frozenset[str], bool], Compil
 
 
 def _compile(typ: Type, defines: frozenset[str]) -> Compiled:
-    if isinstance(typ, BuiltinType):
+    return typ.accept(_Compiler(defines), None)
+
+
+class _Compiler(TypeVisitor[None, Compiled]):
+    """A type's check under DEFINES. Enums, arrays and alternates are cached, each entry made
+    before the type's parts are compiled, so that recursive types refer to themselves."""
+
+    def __init__(self, defines: frozenset[str]) -> None:
+        self.defines = defines
+
+    def visit_builtin(self, typ: BuiltinType, arg: None) -> Compiled:
         return _BUILTINS[typ.name], None
-    if isinstance(typ, ObjectType):
-        return None, _compile_object(typ, defines, rename=False)
-    per_type = _cache.setdefault(typ, {})
-    found = per_type.get((defines, False))
-    if found is not None:
+
+    def visit_object(self, typ: ObjectType, arg: None) -> Compiled:
+        return None, _compile_object(typ, self.defines, rename=False)
+
+    def visit_enum(self, typ: EnumType, arg: None) -> Compiled:
+        per_type = _cache.setdefault(typ, {})
+        found = per_type.get((self.defines, False))
+        if found is None:
+            per_type[self.defines, False] = found = _enum_leaf(typ, self.defines), None
         return found
-    compiled: Compiled
-    if isinstance(typ, EnumType):
-        per_type[defines, False] = compiled = _enum_leaf(typ, defines), None
-    elif isinstance(typ, ArrayType):
-        element: list[Compiled] = []
-        per_type[defines, False] = compiled = None, _array_node(element)
-        element.append(_compile(typ.element, defines))
-    else:
-        assert isinstance(typ, AlternateType), typ
-        branches: dict[type, Compiled] = {}
-        per_type[defines, False] = compiled = None, _alternate_node(typ.name, branches)
-        for variant in typ.variants.variants:
-            if variant.cond.holds(defines):
-                kind = "object" if isinstance(variant.type, ObjectType) else variant.type.json_type
-                for json_type in _JSON_TYPES[kind]:
-                    branches[json_type] = _compile(variant.type, defines)
-    return compiled
+
+    def visit_array(self, typ: ArrayType, arg: None) -> Compiled:
+        per_type = _cache.setdefault(typ, {})
+        found = per_type.get((self.defines, False))
+        if found is None:
+            element: list[Compiled] = []
+            per_type[self.defines, False] = found = None, _array_node(element)
+            element.append(typ.element.accept(self, None))
+        return found
+
+    def visit_alternate(self, typ: AlternateType, arg: None) -> Compiled:
+        per_type = _cache.setdefault(typ, {})
+        found = per_type.get((self.defines, False))
+        if found is None:
+            branches: dict[type, Compiled] = {}
+            per_type[self.defines, False] = found = None, _alternate_node(typ.name, branches)
+            for variant in typ.variants.variants:
+                if variant.cond.holds(self.defines):
+                    kind = (
+                        "object" if isinstance(variant.type, ObjectType)
+                        else variant.type.json_type
+                    )
+                    for json_type in _JSON_TYPES[kind]:
+                        branches[json_type] = variant.type.accept(self, None)
+        return found
 
 
 def _compile_object(typ: ObjectType, defines: frozenset[str], *, rename: bool) -> Node:
