@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from . import PACKAGE, QMP_API_VERSION, __version__
 from .limits import Limits
 from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
+from .qapi.keyval import KeyvalError, split
 
 if TYPE_CHECKING:
     from .context import Daemon
@@ -56,10 +57,12 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class MonitorSpec:
-    """A QMP monitor: a Unix socket path, or None for stdin/stdout."""
+    """A QMP monitor: a Unix socket path, or None for stdin/stdout; ORIGIN is the option that
+    asked for it, for error messages."""
 
     path: str | None
     pretty: bool = False
+    origin: str = "the default socket"
 
 
 @dataclass
@@ -82,32 +85,14 @@ class Config:
 
 
 def parse_keyval(text: str, implied: str) -> dict[str, str]:
-    """'socket,id=m0,path=a,,b' -> {implied: 'socket', 'id': 'm0', 'path': 'a,b'}.
-
-    As in QEMU, a doubled comma stands for a comma in a value, and the first item may leave
-    out its key, which is then IMPLIED."""
-    items: list[str] = []
-    current = ""
-    i = 0
-    while i < len(text):
-        if text[i] == ",":
-            if text.startswith(",,", i):
-                current += ","
-                i += 2
-                continue
-            items.append(current)
-            current = ""
-        else:
-            current += text[i]
-        i += 1
-    items.append(current)
+    """'socket,id=m0,path=a,,b' -> {implied: 'socket', 'id': 'm0', 'path': 'a,b'}: QEMU's
+    syntax (qapi/keyval.py's split), each key at most once."""
+    try:
+        pairs = split(text, implied)
+    except KeyvalError as exc:
+        raise UsageError(str(exc)) from None
     result: dict[str, str] = {}
-    for index, item in enumerate(items):
-        key, eq, value = item.partition("=")
-        if not eq:
-            if index != 0 or not implied:
-                raise UsageError(f"Expected '=' after parameter '{item}'")
-            key, value = implied, item
+    for key, value in pairs:
         if key in result:
             raise UsageError(f"Parameter '{key}' given more than once")
         result[key] = value
@@ -125,9 +110,9 @@ def _flag(options: dict[str, str], key: str, default: bool) -> bool:
     raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
-def _reject_rest(options: dict[str, str], what: str) -> None:
+def _reject_rest(options: dict[str, str]) -> None:
     if options:
-        raise UsageError(f"{what}: Invalid parameter '{sorted(options)[0]}'")
+        raise UsageError(f"Invalid parameter '{sorted(options)[0]}'")
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -147,13 +132,14 @@ def _argument_parser() -> argparse.ArgumentParser:
         help="a QMP monitor on a Unix socket at PATH (shorthand for a chardev and a monitor)")
     add("--blockdev", action="append", default=[], metavar="OPTIONS",
         help="a block node, as blockdev-add would create it")
-    add("--pidfile", metavar="PATH", help="write the daemon's pid here once every socket listens")
+    add("--pidfile", metavar="PATH", help="write the daemon's pid here once every socket "
+        "listens (removed at exit)")
     add("--daemonize", action="store_true",
         help="detach once every socket listens (the parent exits 0 then)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--log", metavar="FILE", help="log here instead of to stderr")
     for name, unit, what in _LIMIT_OPTIONS:
-        add(f"--{name.replace('_', '-')}", type=_positive, metavar=unit, dest=name,
+        add(f"--{name.replace('_', '-')}", type=_count, metavar=unit, dest=name,
             help=f"{what} (default {getattr(Limits(), name)})")
     add("--version", action="version", version=f"qmpjobd {__version__} (QMP of QEMU "
         f"{'.'.join(map(str, QMP_API_VERSION))})")
@@ -173,10 +159,14 @@ _LIMIT_OPTIONS = [
 ]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
+def _count(text: str) -> int:
+    """A limit's value: a whole number of at least 1 (argparse names the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, not {text!r}")
     return value
 
 
@@ -189,46 +179,25 @@ def parse_command_line(argv: list[str]) -> Config:
                 if getattr(args, name) is not None},
     )
     chardevs: dict[str, str | None] = {}
+    chardev_texts: dict[str, str] = {}
     for text in args.chardev:
-        options = parse_keyval(text, "backend")
-        backend = options.pop("backend", None)
-        chardev_id = options.pop("id", None)
-        if not chardev_id:
-            raise UsageError(f"--chardev {text}: Parameter 'id' is missing")
-        if chardev_id in chardevs:
-            raise UsageError(f"--chardev {text}: Duplicate chardev ID '{chardev_id}'")
-        if backend == "socket":
-            path = options.pop("path", None)
-            if not path:
-                raise UsageError(f"--chardev {text}: only Unix sockets ('path=') are supported")
-            if not _flag(options, "server", False):
-                raise UsageError(f"--chardev {text}: a monitor socket needs 'server=on'")
-            if _flag(options, "wait", True):
-                raise UsageError(f"--chardev {text}: 'wait=on' is not supported; use 'wait=off'")
-            chardevs[chardev_id] = path
-        elif backend == "stdio":
-            _flag(options, "signal", True)
-            chardevs[chardev_id] = None
-        else:
-            raise UsageError(f"--chardev {text}: unsupported chardev backend '{backend}'")
-        _reject_rest(options, f"--chardev {text}")
+        try:
+            chardev_id, path = _chardev(text, chardevs)
+        except UsageError as exc:
+            raise UsageError(f"--chardev {text}: {exc}") from None
+        chardevs[chardev_id] = path
+        chardev_texts[chardev_id] = text
     used: set[str] = set()
     for text in args.monitor:
-        options = parse_keyval(text, "chardev")
-        chardev_id = options.pop("chardev", None)
-        if chardev_id is None or chardev_id not in chardevs:
-            raise UsageError(f"--monitor {text}: chardev '{chardev_id}' not found")
-        if chardev_id in used:
-            raise UsageError(f"--monitor {text}: chardev '{chardev_id}' is already in use")
+        try:
+            chardev_id, pretty = _monitor(text, chardevs, used)
+        except UsageError as exc:
+            raise UsageError(f"--monitor {text}: {exc}") from None
         used.add(chardev_id)
-        if options.pop("mode", "control") != "control":
-            raise UsageError(f"--monitor {text}: only mode=control (QMP) is supported")
-        options.pop("id", None)
-        pretty = _flag(options, "pretty", False)
-        _reject_rest(options, f"--monitor {text}")
-        config.monitors.append(MonitorSpec(chardevs[chardev_id], pretty))
+        origin = f"--chardev {chardev_texts[chardev_id]}"
+        config.monitors.append(MonitorSpec(chardevs[chardev_id], pretty, origin))
     for path in args.socket:
-        config.monitors.append(MonitorSpec(path))
+        config.monitors.append(MonitorSpec(path, origin=f"--socket {path}"))
     config.blockdevs = args.blockdev
     if not config.monitors:
         config.monitors.append(MonitorSpec(default_socket_path()))
@@ -237,6 +206,48 @@ def parse_command_line(argv: list[str]) -> Config:
     if stdio and config.daemonize:
         raise UsageError("--daemonize cannot be used with a stdio monitor")
     return config
+
+
+def _chardev(text: str, chardevs: dict[str, str | None]) -> tuple[str, str | None]:
+    """A --chardev option: its id, and its socket's path (None for stdio)."""
+    options = parse_keyval(text, "backend")
+    backend = options.pop("backend", None)
+    chardev_id = options.pop("id", None)
+    if not chardev_id:
+        raise UsageError("Parameter 'id' is missing")
+    if chardev_id in chardevs:
+        raise UsageError(f"Duplicate chardev ID '{chardev_id}'")
+    path: str | None = None
+    if backend == "socket":
+        path = options.pop("path", None)
+        if not path:
+            raise UsageError("only Unix sockets ('path=') are supported")
+        if not _flag(options, "server", False):
+            raise UsageError("a monitor socket needs 'server=on'")
+        if _flag(options, "wait", True):
+            raise UsageError("'wait=on' is not supported; use 'wait=off'")
+    elif backend == "stdio":
+        _flag(options, "signal", True)
+    else:
+        raise UsageError(f"unsupported chardev backend '{backend}'")
+    _reject_rest(options)
+    return chardev_id, path
+
+
+def _monitor(text: str, chardevs: dict[str, str | None], used: set[str]) -> tuple[str, bool]:
+    """A --monitor option: its chardev's id, and whether it is pretty."""
+    options = parse_keyval(text, "chardev")
+    chardev_id = options.pop("chardev", None)
+    if chardev_id is None or chardev_id not in chardevs:
+        raise UsageError(f"chardev '{chardev_id}' not found")
+    if chardev_id in used:
+        raise UsageError(f"chardev '{chardev_id}' is already in use")
+    if options.pop("mode", "control") != "control":
+        raise UsageError("only mode=control (QMP) is supported")
+    options.pop("id", None)
+    pretty = _flag(options, "pretty", False)
+    _reject_rest(options)
+    return chardev_id, pretty
 
 
 def default_socket_path(tmp: str = "/tmp") -> str:
@@ -280,12 +291,22 @@ def _setup_logging(config: Config) -> None:
 def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     from .commands import MODULES
     from .context import Daemon, handlers_in
-    from .dispatch import Dispatcher
-    from .qapi import load_schema
+    from .dispatch import Dispatcher, StartupError
+    from .qapi import QapiError, load_schema
     from .qapi.tables import build_tables
 
-    modules = [*MODULES, *map(importlib.import_module, config.handler_modules)]
-    schema = load_schema(config.schema)
+    modules = list(MODULES)
+    for name in config.handler_modules:
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as exc:  # ImportError, or whatever the module raised as it loaded
+            raise StartupError(f"--handlers {name}: cannot import: {exc}") from None
+    try:
+        schema = load_schema(config.schema)
+    except (QapiError, OSError) as exc:
+        if config.schema == str(DEFAULT_SCHEMA):
+            raise
+        raise StartupError(f"--schema {config.schema}: {exc}") from None
     tables = build_tables(schema, SCHEMA_DEFINES)
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
     dispatcher = Dispatcher(tables, handlers_in(modules), check_replies=check)
@@ -341,26 +362,41 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"qmpjobd: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config)
+    try:
+        _setup_logging(config)
+    except OSError as exc:
+        print(f"qmpjobd: --log {config.log_file}: cannot open: {exc.strerror}", file=sys.stderr)
+        return 1
     _raise_descriptor_limit()
     ready_pipe = _daemonize() if config.daemonize else None
-    sockets = [m for m in config.monitors if m.path is not None]
     bound: list[tuple[socket.socket, MonitorSpec]] = []
+    wrote_pidfile = False
     try:
-        for monitor in sockets:
-            assert monitor.path is not None
-            bound.append((bind_unix_socket(monitor.path), monitor))
-    except SocketInUse as exc:
-        _unbind(bound)
-        return _fail(ready_pipe, str(exc))
-    except OSError as exc:
-        _unbind(bound)
-        return _fail(ready_pipe, f"cannot listen on {exc.filename or 'a socket'}: {exc.strerror}")
-    try:
+        for monitor in config.monitors:
+            if monitor.path is None:
+                continue
+            try:
+                bound.append((bind_unix_socket(monitor.path), monitor))
+            except SocketInUse as exc:
+                return _fail(ready_pipe, f"{monitor.origin}: {exc}")
+            except OSError as exc:
+                return _fail(
+                    ready_pipe,
+                    f"{monitor.origin}: cannot listen on {monitor.path}: {exc.strerror}",
+                )
+        if config.pidfile:
+            try:
+                Path(config.pidfile).write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                return _fail(
+                    ready_pipe, f"--pidfile {config.pidfile}: cannot write: {exc.strerror}"
+                )
+            wrote_pidfile = True
         return _serve(config, bound, ready_pipe)
     finally:
         _unbind(bound)
-        if config.pidfile:
+        if wrote_pidfile:
+            assert config.pidfile is not None
             Path(config.pidfile).unlink(missing_ok=True)
 
 
@@ -400,8 +436,6 @@ def _serve(
     from .server import Listening, Server, ServerOptions
 
     def on_ready() -> None:
-        if config.pidfile:
-            Path(config.pidfile).write_text(f"{os.getpid()}\n")
         paths = [m.path for _, m in listeners]
         if config.default_socket:
             print(paths[0], flush=True)

@@ -282,6 +282,68 @@ def test_bad_command_lines() -> None:
     assert result.returncode == 0 and result.stdout.startswith("qmpjobd 0.1.0")
 
 
+@pytest.mark.parametrize(
+    ("args", "status", "error"),
+    [
+        (["--socket", "{tmp}/missing/q.sock"], 1,
+         "--socket {tmp}/missing/q.sock: cannot listen on {tmp}/missing/q.sock: "
+         "No such file or directory"),
+        (["--chardev", "socket,id=m,path={tmp}/missing/q.sock,server=on,wait=off",
+          "--monitor", "m"], 1,
+         "--chardev socket,id=m,path={tmp}/missing/q.sock,server=on,wait=off: cannot listen on "
+         "{tmp}/missing/q.sock: No such file or directory"),
+        (["--socket", "{tmp}/file"], 1,
+         "--socket {tmp}/file: {tmp}/file exists and is not a socket"),
+        (["--max-jobs", "abc"], 2,
+         "error: argument --max-jobs: expects a whole number of at least 1, not 'abc'"),
+        (["--max-clients", "0"], 2,
+         "error: argument --max-clients: expects a whole number of at least 1, not '0'"),
+        (["--socket", "{tmp}/q.sock", "--pidfile", "{tmp}/missing/q.pid"], 1,
+         "--pidfile {tmp}/missing/q.pid: cannot write: No such file or directory"),
+        (["--socket", "{tmp}/q.sock", "--log", "{tmp}/missing/q.log"], 1,
+         "--log {tmp}/missing/q.log: cannot open: No such file or directory"),
+        (["--socket", "{tmp}/q.sock", "--schema", "{tmp}/missing.json"], 1,
+         "--schema {tmp}/missing.json: can't read schema file '{tmp}/missing.json': "
+         "No such file or directory"),
+        (["--socket", "{tmp}/q.sock", "--handlers", "no_such_module"], 1,
+         "--handlers no_such_module: cannot import: No module named 'no_such_module'"),
+        (["--chardev", "socket,id=m,path={tmp}/q.sock,server=on,wait=off,,x", "--monitor", "m"],
+         2, "--chardev socket,id=m,path={tmp}/q.sock,server=on,wait=off,,x: "
+         "Parameter 'wait' expects 'on' or 'off'"),
+        (["--chardev", "socket,id=m,path={tmp}/q.sock,server=on,wait=off,path=y",
+          "--monitor", "m"], 2,
+         "--chardev socket,id=m,path={tmp}/q.sock,server=on,wait=off,path=y: "
+         "Parameter 'path' given more than once"),
+        (["--chardev", "stdio,id=m", "--monitor", "m,pretty=maybe"], 2,
+         "--monitor m,pretty=maybe: Parameter 'pretty' expects 'on' or 'off'"),
+    ],
+)
+def test_command_line_errors_name_option_value_and_path(
+    args: list[str], status: int, error: str, tmp_path: Path
+) -> None:
+    """Each error is one line naming the option, its value and the path involved; nothing is
+    left behind (no socket, no pid file)."""
+    (tmp_path / "file").write_text("not a socket")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    result = subprocess.run([*QMPJOBD, *argv], capture_output=True, text=True,
+                            env=daemon_env(), timeout=30)
+    assert result.returncode == status
+    assert result.stderr.splitlines()[-1] == "qmpjobd: " + error.replace("{tmp}", str(tmp_path))
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+
+def test_a_daemon_that_fails_to_start_leaves_an_existing_pid_file_alone(tmp_path: Path) -> None:
+    pidfile = tmp_path / "q.pid"
+    pidfile.write_text("12345\n")  # another daemon's, say
+    result = subprocess.run(
+        [*QMPJOBD, "--socket", str(tmp_path / "missing" / "q.sock"), "--pidfile", str(pidfile)],
+        capture_output=True, text=True, env=daemon_env(), timeout=30,
+    )
+    assert result.returncode == 1 and "cannot listen on" in result.stderr
+    assert pidfile.read_text() == "12345\n"
+
 
 def test_default_socket_path_without_xdg_runtime_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
