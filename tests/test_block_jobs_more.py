@@ -42,16 +42,25 @@ class Run:
     def __init__(self, pair: list[Side]) -> None:
         self.sides = pair
         self.events: list[dict[str, list[Any]]] = [{} for _ in pair]
+        # Every event in arrival order, across jobs: (job, event).
+        self.arrivals: list[list[tuple[str, str]]] = [[] for _ in pair]
 
     def _collect(self, i: int) -> None:
         side = self.sides[i]
         for event in side.conn.events:
             data = event["data"]
             job = data.get("id", data.get("device"))
-            self.events[i].setdefault(job, []).append(
-                normalise({"event": event["event"], "data": data}, side)
-            )
+            text = normalise({"event": event["event"], "data": data}, side)
+            self.events[i].setdefault(job, []).append(text)
+            self.arrivals[i].append((job, text))
         side.conn.events.clear()
+
+    def completions(self, i: int, *jobs: str) -> list[tuple[str, str]]:
+        """The events that end JOBS on side I, in arrival order across them."""
+        ending = ('"status": "concluded"', '"status": "null"', "BLOCK_JOB_COMPLETED",
+                  "BLOCK_JOB_CANCELLED")
+        return [(job, text) for job, text in self.arrivals[i]
+                if job in jobs and any(mark in text for mark in ending)]
 
     def cmd(self, command: str, arguments: dict[str, Any] | None = None) -> str:
         replies = []

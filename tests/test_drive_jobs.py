@@ -206,6 +206,8 @@ def test_transaction_drive_backup(sides: list[Side]) -> None:  # noqa: F811
     transaction(r, [action("x3", "x3.img"), action("x4", "x4.img")], "grouped")
     r.wait("x3", "null")
     r.wait("x4", "null")
+    # A group completes job by job: COMPLETED, concluded, null of one, then of the next.
+    assert r.completions(1, "x3", "x4") == r.completions(0, "x3", "x4")
     # A failing action rolls back the jobs made before it (their target files stay).
     transaction(r, [action("y1", "y1.img"), action("y2", "y2.img"), action("y3", "nodir/y3.img")])
     transaction(r, [action("y4", "y4.img"), {"type": "abort", "data": {}}])

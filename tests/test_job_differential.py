@@ -108,10 +108,12 @@ class Sent:
 
 @dataclass
 class Transcript:
-    """What a scenario saw: every command with its reply, and each job's events."""
+    """What a scenario saw: every command with its reply, each job's events, and (for grouped
+    transactions) how the members' completions interleave across jobs."""
 
     replies: list[Sent]
     events: dict[str, list[dict[str, Any]]]
+    completions: list[tuple[str, str, str]]
 
 
 class Session:
@@ -126,6 +128,9 @@ class Session:
         self.events: list[tuple[int, dict[str, Any]]] = []
         self.status: dict[str, str] = {}
         self.manual_dismiss: set[str] = set()
+        # Whether the scenario ran a grouped transaction: then the order of its members'
+        # completions across jobs is compared too.
+        self.grouped = False
 
     # -- the wire --
 
@@ -244,6 +249,7 @@ class Session:
         arguments: dict[str, Any] = {"actions": list(actions)}
         if mode is not None:
             arguments["properties"] = {"completion-mode": mode}
+            self.grouped = self.grouped or mode == "grouped"
         return self.cmd("transaction", arguments)
 
     def finish(self, *jobs: str) -> None:
@@ -276,8 +282,25 @@ class Session:
             per_job.setdefault(job_of(event), []).append(event)
         return per_job
 
+    def completions(self) -> list[tuple[str, str, str]]:
+        """The events that end jobs, in arrival order across jobs: (event, job, status)."""
+        ending = ("pending", "aborting", "concluded", "null")
+        found = []
+        for _, event in self.events:
+            name, job = event["event"], job_of(event)
+            if not self.names.owns(job):
+                continue
+            if name == "JOB_STATUS_CHANGE" and event["data"]["status"] in ending:
+                found.append((name, job, event["data"]["status"]))
+            elif name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_PENDING"):
+                found.append((name, job, ""))
+        return found
+
     def transcript(self) -> Transcript:
-        return Transcript(self.sent, drop_unrequested_pauses(self.events, self.sent, self.names))
+        return Transcript(
+            self.sent, drop_unrequested_pauses(self.events, self.sent, self.names),
+            self.completions() if self.grouped else [],
+        )
 
 
 def hyphens(options: dict[str, Any]) -> dict[str, Any]:
@@ -410,6 +433,7 @@ def compare(qsd: Transcript, qmpjobd: Transcript) -> None:
     assert [s.command for s in qmpjobd.replies] == [s.command for s in qsd.replies]
     assert qmpjobd.events == qsd.events, "per-job events (qmpjobd == QSD)"
     assert strict(qmpjobd.events) == strict(qsd.events)
+    assert qmpjobd.completions == qsd.completions, "grouped completions across jobs"
 
 
 def run_both(pair: Pair, scenario: Scenario) -> tuple[Transcript, Transcript]:

@@ -59,6 +59,9 @@ class JobTxn:
             return
         if error is not None:
             job.error = error
+            # As QEMU's: the job that failed (or was cancelled) goes `aborting` at once, before
+            # the others are cancelled.
+            job.transition(JobStatus.ABORTING)
             self.abort(job)
             return
         job.transition(JobStatus.WAITING)
@@ -72,10 +75,11 @@ class JobTxn:
             self.finalize()
 
     def finalize(self) -> None:
+        # Each job in turn makes its result final, reports it and concludes before the next
+        # one starts (QSD: COMPLETED, concluded, null of one job, then of the next).
         for job in list(self.jobs):
             job.commit()
             job.on_finalized()
-        for job in list(self.jobs):
             self._conclude(job)
 
     def abort(self, initiator: Job) -> None:
@@ -100,7 +104,8 @@ class JobTxn:
                 continue
             if job.error is None:
                 job.error = CANCELED
-            job.transition(JobStatus.ABORTING)
+            if job.status != JobStatus.ABORTING:
+                job.transition(JobStatus.ABORTING)
             job.abort()
             job.on_finalized()
             self._conclude(job)
