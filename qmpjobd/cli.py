@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from . import PACKAGE, QMP_API_VERSION, __version__
 from .limits import Limits
 from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
-from .qapi.keyval import KeyvalError, split
+from .qapi.errors import KeyvalError
+from .qapi.keyval import split
 
 if TYPE_CHECKING:
     from .context import Daemon
@@ -327,8 +328,8 @@ def _add_blockdev(daemon: Daemon, text: str) -> None:
     from .block.nodes import open_node
     from .dispatch import StartupError
     from .jobs.errors import JobError
-    from .qapi.keyval import KeyvalError, convert, parse
-    from .qapi.visit import ArgumentError
+    from .qapi.errors import ArgumentError
+    from .qapi.keyval import convert, parse
 
     entry = daemon.tables.commands["blockdev-add"]
     options_type = daemon.tables.schema.lookup_type("BlockdevOptions")

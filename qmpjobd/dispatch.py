@@ -17,9 +17,9 @@ import logging
 from .context import Context, Handler
 from .jobs.errors import JobError
 from .qapi.conform import problem
+from .qapi.errors import ArgumentError
 from .qapi.schema import Command
 from .qapi.tables import CommandEntry, Tables, python_name
-from .qapi.visit import ArgumentError
 from .qmp.errors import QmpError, generic
 from .qmp.session import Request
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +31,26 @@ def missing(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def qemu_source() -> Path:
-    """The unpacked QEMU 7.2 source tree (scripts/fetch-qemu-source puts it there)."""
-    path = Path(os.environ.get("QMPJOBD_QEMU_SOURCE", DEFAULT_QEMU_SOURCE))
-    if not (path / "storage-daemon" / "qapi" / "qapi-schema.json").is_file():
+    """The unpacked QEMU 7.2 source tree. The first test that needs it fetches it with
+    scripts/fetch-qemu-source (once: it stays in the cache, outside the repository); setting up
+    and running the daemon never needs it."""
+    given = os.environ.get("QMPJOBD_QEMU_SOURCE")
+    path = Path(given or DEFAULT_QEMU_SOURCE)
+    if not _is_qemu_tree(path) and not given:
+        fetch = subprocess.run(
+            [str(REPO / "scripts" / "fetch-qemu-source")], capture_output=True, text=True
+        )
+        if fetch.returncode == 0:
+            path = Path(fetch.stdout.strip())
+        else:
+            missing(f"scripts/fetch-qemu-source failed: {fetch.stderr.strip()[-500:]}")
+    if not _is_qemu_tree(path):
         missing(f"QEMU source not found at {path}; run scripts/fetch-qemu-source")
     return path
+
+
+def _is_qemu_tree(path: Path) -> bool:
+    return (path / "storage-daemon" / "qapi" / "qapi-schema.json").is_file()
 
 
 @pytest.fixture(scope="module")

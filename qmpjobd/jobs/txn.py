@@ -18,6 +18,7 @@ class Job(Protocol):
     """What a transaction needs of its members (jobs/job.py's Job)."""
 
     txn: JobTxn
+    status: JobStatus
     error: str | None
     work_done: bool
     auto_finalize: bool

@@ -4,7 +4,7 @@ Pure: it reads schema files and answers questions about them; it imports nothing
 qmpjobd, opens no sockets and runs no event loop. `load_schema()` is the entry point.
 """
 
+from .errors import QapiError
 from .schema import Schema, load_schema
-from .source import QapiError
 
 __all__ = ["QapiError", "Schema", "load_schema"]

@@ -12,9 +12,9 @@ import argparse
 import json
 import sys
 
+from .errors import QapiError
 from .introspect import introspect
 from .schema import load_schema
-from .source import QapiError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,8 @@ import re
 from collections.abc import Callable
 from enum import Enum
 
-from .source import QapiError, SourceInfo
+from .errors import QapiError
+from .source import SourceInfo
 
 SECTION_TAGS = frozenset(
     ["Returns:", "Since:", "Note:", "Notes:", "Example:", "Examples:", "TODO:"]

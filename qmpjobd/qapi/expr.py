@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from .errors import QapiError
 from .parser import TopLevel
-from .source import QapiError, SourceInfo
+from .source import SourceInfo
 
 METAS = ("enum", "struct", "union", "alternate", "command", "event")
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import KeyvalError
 from .schema import AlternateType, ArrayType, BuiltinType, EnumType, ObjectType, Type, TypeVisitor
 
 _SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                   "p": 1 << 50, "e": 1 << 60}
-
-
-class KeyvalError(ValueError):
-    pass
 
 
 def split(text: str, implied: str | None = None) -> list[tuple[str, str]]:

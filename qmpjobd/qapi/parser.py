@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 
 from .doc import Doc, DocSyntaxError
-from .source import Pragma, QapiError, SourceInfo
+from .errors import QapiError
+from .source import Pragma, SourceInfo
 
 Value = dict[str, "Value"] | list["Value"] | str | bool
 Expr = dict[str, object]

@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from .doc import Doc
+from .errors import QapiError
 from .expr import c_name, check_exprs
 from .parser import TopLevel, parse_schema
-from .source import Pragma, QapiError, SourceInfo
+from .source import Pragma, SourceInfo
 
 IMPLICIT_PREFIX = "q_obj_"
 EMPTY_OBJECT = "q_empty"

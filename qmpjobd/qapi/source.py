@@ -35,9 +35,6 @@ class SourceInfo:
         self.defn_meta: str | None = None
         self.defn_name: str | None = None
 
-    def at_line(self, line: int) -> SourceInfo:
-        return SourceInfo(self.fname, line, self.parent, self.pragma)
-
     def set_defn(self, meta: str, name: str) -> None:
         self.defn_meta = meta
         self.defn_name = name
@@ -62,21 +59,3 @@ class SourceInfo:
 
     def __repr__(self) -> str:
         return f"<SourceInfo {self.loc()}>"
-
-
-class QapiError(Exception):
-    """An invalid schema. str() gives the complete message, location first, as QEMU words it."""
-
-    def __init__(self, info: SourceInfo | None, msg: str, col: int | None = None) -> None:
-        super().__init__(msg)
-        self.info = info
-        self.msg = msg
-        self.col = col
-
-    def __str__(self) -> str:
-        if self.info is None:
-            return self.msg
-        loc = str(self.info)
-        if self.col is not None:
-            loc += f":{self.col}"
-        return f"{loc}: {self.msg}"

@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import TypeAlias
 
+from .errors import ArgumentError
 from .leftover import first_leftover
 from .schema import (
     AlternateType,
@@ -45,15 +46,6 @@ from .schema import (
     Type,
     TypeVisitor,
 )
-
-
-class ArgumentError(Exception):
-    """Arguments that QEMU's input visitor rejects; `desc` is its message (GenericError)."""
-
-    def __init__(self, desc: str) -> None:
-        super().__init__(desc)
-        self.desc = desc
-
 
 Checker: TypeAlias = Callable[[dict[str, object]], dict[str, object]]
 
