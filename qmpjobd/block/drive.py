@@ -15,7 +15,8 @@ once (BlockJob.late_error).
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -47,23 +48,19 @@ async def drive_backup_job(graph: BlockGraph, jobs: JobManager, args: dict[str, 
     """A drive-backup's checks in QEMU's order: its target made or opened, then the job (not
     yet created), which closes that target when it ends."""
     source = graph.lookup(args["device"])
-    # QEMU opens a drive-backup target with these, past the format's own checks.
-    target = await _open_target(graph, source, args, {"discard": "unmap", "detect-zeroes": "unmap"})
-    try:
+
+    def make(target: Node) -> BackupJob:
         if args["sync"] == "none":
             # The target would get the source as its backing file; raw and file have none.
             raise BlockError(
                 f"Driver '{target.driver}' of node '{target.name}' does not support backing "
                 "files"
             )
-        job = backup_job(graph, jobs, args, target)
-        job.late_error = _lock_conflict(graph, target, "write")
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await close_target(graph, target)
-        raise
-    _close_when_ended(graph, jobs, job, target)
-    return job
+        return backup_job(graph, jobs, args, target)
+
+    # QEMU opens a drive-backup target with discard and detect-zeroes on.
+    extra = {"discard": "unmap", "detect-zeroes": "unmap"}
+    return await _job_on_own_target(graph, jobs, source, args, extra, make, "write")
 
 
 async def drive_mirror_job(graph: BlockGraph, jobs: JobManager, args: dict[str, Any]) -> MirrorJob:
@@ -77,9 +74,9 @@ async def drive_mirror_job(graph: BlockGraph, jobs: JobManager, args: dict[str, 
                 "a node-name must be provided when replacing a named node of the graph"
             )
         raise BlockError("not implemented yet")
-    target = await _open_target(graph, source, args, {})
-    try:
-        job = mirror_job(
+
+    def make(target: Node) -> MirrorJob:
+        return mirror_job(
             jobs, source, target, sync=args["sync"], job_id=args.get("job-id"),
             granularity=args.get("granularity", 0), buf_size=args.get("buf-size", 0),
             auto_finalize=args.get("auto-finalize", True),
@@ -87,7 +84,24 @@ async def drive_mirror_job(graph: BlockGraph, jobs: JobManager, args: dict[str, 
             on_source_error=args.get("on-source-error", "report"),
             on_target_error=args.get("on-target-error", "report"),
         )
-        job.late_error = _lock_conflict(graph, target, "consistent read")
+
+    return await _job_on_own_target(graph, jobs, source, args, {}, make, "consistent read")
+
+
+_Job = TypeVar("_Job", bound=BlockJob)
+
+
+async def _job_on_own_target(
+    graph: BlockGraph, jobs: JobManager, source: Node, args: dict[str, Any],
+    extra: dict[str, str], make: Callable[[Node], _Job], lock: str,
+) -> _Job:
+    """Open the command's target (EXTRA: options QEMU adds), MAKE the job on it, and have the
+    target closed when the job ends (at once if the job is not made). LOCK: the permission
+    QEMU's image locks refuse the job if another node holds the target's file."""
+    target = await _open_target(graph, source, args, extra)
+    try:
+        job = make(target)
+        job.late_error = _lock_conflict(graph, target, lock)
     except BaseException:
         with trio.CancelScope(shield=True):
             await close_target(graph, target)

@@ -62,22 +62,21 @@ class BlockGraph:
 
     def lookup(self, name: str) -> Node:
         """By device or node name, for commands that take either (QSD has no devices)."""
-        node = self._nodes.get(name)
-        if node is None:
-            raise BlockError(f"Cannot find device='{name}' nor node-name='{name}'")
-        return node
+        return self._get(name, "Cannot find device='{0}' nor node-name='{0}'")
 
     def lookup_node(self, name: str) -> Node:
         """By node name only, for the arguments that name a node (base-node, top-node)."""
-        node = self._nodes.get(name)
-        if node is None:
-            raise BlockError(f"Cannot find device='' nor node-name='{name}'")
-        return node
+        return self._get(name, "Cannot find device='' nor node-name='{0}'")
 
     def find(self, name: str) -> Node:
+        """By node name, for the commands that take one (blockdev-del)."""
+        return self._get(name, "Failed to find node with node-name='{0}'")
+
+    def _get(self, name: str, missing: str) -> Node:
+        """The node NAME, or BlockError with MISSING (NAME in place of {0})."""
         node = self._nodes.get(name)
         if node is None:
-            raise BlockError(f"Failed to find node with node-name='{name}'")
+            raise BlockError(missing.format(name))
         return node
 
     def remove(self, name: str) -> Node:

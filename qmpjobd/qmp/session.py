@@ -67,7 +67,7 @@ class Session:
         """COMMANDS: each command's name, and whether it may run out of band."""
         self.version = version
         self.package = package
-        self.offered = ("oob",) if offer_oob else ()
+        self.offered = CAPABILITIES if offer_oob else ()
         self.negotiated = False
         self.oob_enabled = False
         self._encode = encode_pretty if pretty else encode

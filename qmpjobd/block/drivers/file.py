@@ -116,7 +116,6 @@ class FileNode(Node):
         self.direct = direct
         self.discard = discard
         self.locking = locking
-        self.regular = stat.S_ISREG(st.st_mode)
         self._writer_locked = False
         # Whether os.copy_file_range may serve copies from or to this file (datapath.py).
         self.copy_range_ok = True
