@@ -127,3 +127,27 @@ def test_the_registry() -> None:
     assert DRIVERS["raw"].create is None and DRIVERS["null-co"].create is None
     with pytest.raises(BlockError, match="Unknown driver 'qcow2'"):
         driver("qcow2")
+
+
+def test_exit_closes_a_raw_node_over_a_file_node(tmp_path: Path) -> None:
+    """At exit every node is flushed and closed, parents before the nodes they use (a raw
+    node over a file node added before it used to meet a closed file: a traceback)."""
+    import subprocess
+
+    from tests.daemons import QMPJOBD, daemon_env
+
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(MiB))
+    requests = b"".join(line + b"\n" for line in [
+        b'{"execute": "qmp_capabilities"}',
+        b'{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f", '
+        b'"filename": "' + str(image).encode() + b'"}}',
+        b'{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "w", '
+        b'"file": "f"}}',
+        b'{"execute": "quit"}',
+    ])
+    result = subprocess.run([*QMPJOBD, "--chardev", "stdio,id=m0", "--monitor", "chardev=m0"],
+                            input=requests, capture_output=True, env=daemon_env(), timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.count(b'{"return":{}}') == 4
+    assert b"Traceback" not in result.stderr and b"Error" not in result.stderr

@@ -126,10 +126,11 @@ class BlockGraph:
         return sorted(nodes, key=lambda node: node.serial, reverse=True)
 
     async def close_all(self) -> None:
-        """At exit, as QEMU does: flush every node, then close it. A flush that fails is
-        logged; the node is closed all the same."""
+        """At exit, as QEMU does: flush every node, then close it, newest first, so that a
+        parent is flushed while its child is still open. A flush that fails is logged; the
+        node is closed all the same."""
         nodes, self._nodes = list(self._nodes.values()), {}
-        for node in nodes:
+        for node in sorted(nodes, key=lambda node: node.serial, reverse=True):
             try:
                 await node.flush()
             except OSError as e:

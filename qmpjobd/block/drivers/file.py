@@ -235,7 +235,7 @@ class FileNode(Node):
         await trio.to_thread.run_sync(self.write_sync, offset, data, length)
 
     async def flush(self) -> None:
-        if not self.no_flush and not self.read_only:
+        if not self.no_flush and not self.read_only and self.fd >= 0:
             await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
     async def close(self) -> None:
