@@ -10,7 +10,9 @@ never the monitor's to delete.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import re
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ class BlockGraph:
         # The daemon's own nodes, each with the job it was opened for (None until the job is
         # made). A job that has finished holds its node no more, even before it is closed.
         self._internal: dict[Node, Job | None] = {}
+        self._generated = itertools.count(1)
 
     def check_room(self, count: int) -> None:
         """Whether COUNT more nodes fit under the limit."""
@@ -59,6 +62,11 @@ class BlockGraph:
                 self._nodes[child.name] = child
             child.parents.append(node)
         self._nodes[node.name] = node
+
+    def generated_name(self) -> str:
+        """A name for a node opened without one (an inline child, a drive-* target), made as
+        QEMU makes them: '#block', a counter of three or more digits and two random ones."""
+        return f"#block{next(self._generated):03d}{random.randrange(100):02d}"
 
     def lookup(self, name: str) -> Node:
         """By device or node name, for commands that take either (QSD has no devices)."""

@@ -7,8 +7,6 @@ here: the node name, the room left under the node limit, and the names of inline
 
 from __future__ import annotations
 
-import itertools
-import random
 from typing import Any
 
 import trio
@@ -17,14 +15,6 @@ from .drivers.base import Node
 from .drivers.registry import driver
 from .errors import BlockError
 from .graph import BlockGraph
-
-# Inline children without a node-name get one as QEMU makes them: '#block', a counter of three
-# or more digits and two random ones; tests normalise them.
-_generated = itertools.count(1)
-
-
-def generated_name() -> str:
-    return f"#block{next(_generated):03d}{random.randrange(100):02d}"
 
 
 async def open_node(graph: BlockGraph, options: dict[str, Any]) -> Node:
@@ -40,7 +30,7 @@ async def open_node(graph: BlockGraph, options: dict[str, Any]) -> Node:
 
 async def open_internal(graph: BlockGraph, options: dict[str, Any]) -> Node:
     """A node the daemon opens for itself (a drive-* target): generated names, not added."""
-    return await _GraphOpener(graph).open(generated_name(), options, {})
+    return await _GraphOpener(graph).open(graph.generated_name(), options, {})
 
 
 class _GraphOpener:
@@ -62,7 +52,7 @@ class _GraphOpener:
     ) -> Node:
         name = options.get("node-name")
         if name is None:
-            name = generated_name()
+            name = self.graph.generated_name()
         else:
             self.graph.check_new_name(name)
             if name == parent:
