@@ -329,7 +329,8 @@ def _add_blockdev(daemon: Daemon, text: str) -> None:
     from .dispatch import StartupError
     from .jobs.errors import JobError
     from .qapi.errors import ArgumentError
-    from .qapi.keyval import convert, parse
+    from .qapi.keyval import parse
+    from .qapi.keyval_convert import convert
 
     entry = daemon.tables.commands["blockdev-add"]
     options_type = daemon.tables.schema.lookup_type("BlockdevOptions")

@@ -1,4 +1,4 @@
-"""Slow and hostile clients, and restarts, against a real qmpjobd over real sockets (issue 6).
+"""Slow and hostile clients, and restarts, against a real qmpjobd over real sockets.
 
 - One client floods commands without ever reading a reply while 300 others each negotiate and
   run 20 commands one at a time: all 300 are served correctly, their commands' round trips

@@ -1,6 +1,6 @@
 """Backing chains: finding a command's top, base and bottom nodes in the chain below a device.
 
-No node of this milestone has a backing file, so every chain is one node long: QEMU's checks
+No driver here has backing files yet, so every chain is one node long: QEMU's checks
 still run, in QEMU's order, with QEMU's messages, and decide which error a command gets
 (block-commit always gets one: it would commit an image into itself).
 """

@@ -131,7 +131,7 @@ async def _open_target(
             raise BlockError(f"Backing file not supported for file format '{fmt}'")
         await trio.to_thread.run_sync(create_file, filename, source.size, "off", False)
     file = {"driver": "file", "filename": filename}
-    # Without a format, QEMU probes the image: raw, for every image this milestone knows.
+    # Without a format, QEMU probes the image: raw, for every image the drivers here know.
     options = {**file, **extra} if fmt == "file" else {"driver": "raw", **extra, "file": file}
     node = await open_internal(graph, options)
     graph.add_internal(node)

@@ -1,8 +1,9 @@
 """Block nodes by name: the monitor's, and those the daemon opened for itself.
 
 A job that uses a node blocks it for the operations that would disturb the job; QEMU reports
-that as "Node 'dst' is busy: block device is in use by block job: backup". The node graph of
-this milestone is flat: every node is a root, and a `raw` node's `file` child is not a root.
+that as "Node 'dst' is busy: block device is in use by block job: backup". The graph is flat
+for now (no driver has backing files): every node is a root, and a `raw` node's `file` child is
+not a root.
 Besides the nodes the monitor added (and their inline children), the graph holds the nodes the
 daemon opened for a job (drive-* targets, named '#blockNNN'): listed while their job lasts,
 never the monitor's to delete.

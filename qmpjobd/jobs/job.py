@@ -65,7 +65,8 @@ class Job:
         if status not in TRANSITIONS[self.status]:
             raise InvalidTransition(f"job {self.id}: {self.status} -> {status}")
         self.status = status
-        self._emit("JOB_STATUS_CHANGE", {"status": status.value, "id": self.id})
+        # (A JobStatus is a str: it goes on the wire as its value.)
+        self._emit("JOB_STATUS_CHANGE", {"status": status, "id": self.id})
         self._changed.set()
         self._changed = trio.Event()
 
@@ -318,7 +319,7 @@ class Job:
         info: dict[str, Any] = {
             "id": self.id,
             "type": self.job_type,
-            "status": self.status.value,
+            "status": self.status,
             "current-progress": self.progress_current,
             "total-progress": self.progress_total,
         }

@@ -3,8 +3,8 @@
 The first chunk goes at once; after each chunk the job charges the bytes to its rate limit and
 sleeps as long as the speed asks, which is also where pause and cancel take effect (without a
 speed a step is 64 MiB: datapath.py copies it in one worker-thread call). sync=full and top
-copy everything (the nodes of this milestone have no backing files); sync=none copies nothing
-and keeps the job running until it is cancelled. A chunk that fails is passed over and retried
+copy everything (no driver here has backing files); sync=none copies nothing and keeps the job
+running until it is cancelled. A chunk that fails is passed over and retried
 in the next pass, as the error policy says (blockjob.py).
 """
 

@@ -12,6 +12,7 @@ from ...jobs.status import JobStatus
 from ..drivers.base import Node
 from ..errors import BlockError, CopyFailed
 
+_READY = frozenset({JobStatus.READY, JobStatus.STANDBY})
 # How long a job waits before it retries a request whose error it was told to ignore: QSD
 # retries at once, and sends a BLOCK_JOB_ERROR for every attempt; a pause between attempts
 # keeps a lasting error from flooding the clients with events (about as many as QSD sends).
@@ -136,8 +137,8 @@ class BlockJob(Job):
             "paused": self.reports_paused(),
             "speed": self.speed,
             "io-status": self.io_status,
-            "ready": self.status in (JobStatus.READY, JobStatus.STANDBY),
-            "status": self.status.value,
+            "ready": self.status in _READY,
+            "status": self.status,
             "auto-finalize": self.auto_finalize,
             "auto-dismiss": self.auto_dismiss,
         }

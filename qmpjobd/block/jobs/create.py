@@ -41,12 +41,8 @@ class CreateJob(Job):
 
 def create_job(jobs: JobManager, job_id: str, options: dict[str, Any]) -> CreateJob:
     """blockdev-create's checks, then its job (not yet created)."""
-    name = options["driver"]
-    driver = DRIVERS.get(name)
-    # (null-aio is QEMU's null-co with another I/O path; it cannot create images either.)
-    if name == "null-aio" or (driver is not None and driver.create is None):
-        raise BlockError("Driver does not support blockdev-create")
+    driver = DRIVERS.get(options["driver"])
     if driver is None or driver.create is None:
-        raise BlockError("not implemented yet")
+        raise BlockError("Driver does not support blockdev-create")
     jobs.check_new_id(job_id)
     return CreateJob(job_id, jobs.emit, driver.create, options)
