@@ -13,6 +13,8 @@ from .errors import JobError
 from .job import Emit, Job
 from .status import JobStatus
 
+# (A module constant: looking an enum member up on its class costs more than comparing it.)
+_NULL = JobStatus.NULL
 # QEMU's well-formed ids: a letter, then letters, digits, '-', '.' and '_'.
 _WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
@@ -38,8 +40,7 @@ class JobManager:
 
     def _live(self) -> dict[str, Job]:
         # Dismissed jobs (status null) leave the registry the next time anyone looks.
-        null = JobStatus.NULL  # (an enum member's lookup costs more than the comparison)
-        for job_id in [i for i, job in self._jobs.items() if job.status == null]:
+        for job_id in [i for i, job in self._jobs.items() if job.status == _NULL]:
             del self._jobs[job_id]
         return self._jobs
 

@@ -160,7 +160,13 @@ class Session:
     def receive(self, item: object) -> Request | bytes:
         """A parsed input value: the request to run, or the bytes of the error reply."""
         request = self.accept(item)
-        if isinstance(request, bytes):
+        if type(request) is bytes:
+            return request
+        assert type(request) is Request
+        # The usual case at a glance (a known command, negotiated, in band or allowed out of
+        # band); anything else takes admit's checks in QEMU's order.
+        allow_oob = self._commands.get(request.command)
+        if allow_oob is not None and self.negotiated and (allow_oob or not request.oob):
             return request
         error = self.admit(request)
         return request if error is None else self.error_reply(request.id, error)
