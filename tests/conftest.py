@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -29,23 +30,31 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def qemu_source() -> Path:
-    """The unpacked QEMU 7.2 source tree. The first test that needs it fetches it with
-    scripts/fetch-qemu-source (once: it stays in the cache, outside the repository); setting up
-    and running the daemon never needs it."""
+@functools.cache
+def fetched_qemu_source() -> tuple[Path, str]:
+    """The unpacked QEMU 7.2 source tree, and why it is missing ("" if it is there). The first
+    test that needs it fetches it with scripts/fetch-qemu-source (once: it stays in the cache,
+    outside the repository); setting up and running the daemon never needs it."""
     given = os.environ.get("QMPJOBD_QEMU_SOURCE")
     path = Path(given or DEFAULT_QEMU_SOURCE)
     if not _is_qemu_tree(path) and not given:
         fetch = subprocess.run(
             [str(REPO / "scripts" / "fetch-qemu-source")], capture_output=True, text=True
         )
-        if fetch.returncode == 0:
-            path = Path(fetch.stdout.strip())
-        else:
-            missing(f"scripts/fetch-qemu-source failed: {fetch.stderr.strip()[-500:]}")
+        if fetch.returncode != 0:
+            return path, f"scripts/fetch-qemu-source failed: {fetch.stderr.strip()[-500:]}"
+        path = Path(fetch.stdout.strip())
     if not _is_qemu_tree(path):
-        missing(f"QEMU source not found at {path}; run scripts/fetch-qemu-source")
+        return path, f"QEMU source not found at {path}; run scripts/fetch-qemu-source"
+    return path, ""
+
+
+@pytest.fixture(scope="session")
+def qemu_source() -> Path:
+    """The unpacked QEMU 7.2 source tree (fetched_qemu_source)."""
+    path, why = fetched_qemu_source()
+    if why:
+        missing(why)
     return path
 
 

@@ -6,19 +6,19 @@ QEMU 7.2's test schemas with their recorded .err files, read from the fetched so
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from qmpjobd.qapi import QapiError, load_schema
-from tests.conftest import DEFAULT_QEMU_SOURCE, missing
+from tests.conftest import fetched_qemu_source, missing
 
 HERE = Path(__file__).resolve().parent
 OWN_CORPUS = sorted((HERE / "qapi" / "bad").glob("*.json")) + sorted(
     (HERE / "qapi" / "good").glob("*.json")
 )
-QEMU_TESTS = Path(os.environ.get("QMPJOBD_QEMU_SOURCE", DEFAULT_QEMU_SOURCE)) / "tests/qapi-schema"
+# Collected from QEMU's source, which is fetched here if it is not there yet.
+QEMU_TESTS = fetched_qemu_source()[0] / "tests/qapi-schema"
 QEMU_CORPUS = sorted(p for p in QEMU_TESTS.glob("*.json") if p.with_suffix(".err").exists())
 
 
