@@ -19,7 +19,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import PACKAGE, QMP_API_VERSION, __version__
 from .limits import Limits
@@ -30,6 +30,7 @@ from .qapi.keyval import split
 if TYPE_CHECKING:
     from .context import Daemon
     from .dispatch import Dispatcher
+    from .qapi.tables import Tables
 
 # Only what parsing the command line and binding the sockets needs is imported up front; trio,
 # the schema compiler and the handlers load while early clients already have their greeting.
@@ -80,6 +81,9 @@ class Config:
     limits: dict[str, int] = field(default_factory=dict)
     # --blockdev options, in either of QEMU's forms: key=value,... or JSON.
     blockdevs: list[str] = field(default_factory=list)
+    # Where task records are kept (None: in memory), and their bounds (TaskLimits' fields).
+    state_dir: str | None = None
+    task_limits: dict[str, Any] = field(default_factory=dict)
 
 
 # -- QEMU's key=value option syntax -----------------------------------------------------------
@@ -142,6 +146,10 @@ def _argument_parser() -> argparse.ArgumentParser:
     for name, unit, what in _LIMIT_OPTIONS:
         add(f"--{name.replace('_', '-')}", type=_count, metavar=unit, dest=name,
             help=f"{what} (default {getattr(Limits(), name)})")
+    add("--state-dir", metavar="DIR", help="keep task records and their change log in "
+        "DIR/tasks.sqlite3, across restarts (default: in memory)")
+    for name, type_, unit, what in _TASK_OPTIONS:
+        add(f"--{name.replace('_', '-')}", type=type_, metavar=unit, dest=name, help=what)
     add("--version", action="version", version=f"qmpjobd {__version__} (QMP of QEMU "
         f"{'.'.join(map(str, QMP_API_VERSION))})")
     # For the test suite: another schema, and modules with handlers for its extra commands.
@@ -160,6 +168,17 @@ _LIMIT_OPTIONS = [
 ]
 
 
+def _seconds(text: str) -> float:
+    """A duration in seconds: a number above 0 (argparse names the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expects a number of seconds above 0, not {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     """A limit's value: a whole number of at least 1 (argparse names the option)."""
     try:
@@ -171,6 +190,19 @@ def _count(text: str) -> int:
     return value
 
 
+# TaskLimits' fields, with their option's type and help (defaults in tasks/registry.py).
+_TASK_OPTIONS = [
+    ("task_changes_kept", _count, "N", "task changes kept for clients that resume the feed "
+     "(default 100000)"),
+    ("task_retention", _seconds, "SECONDS", "how long finished tasks are kept (default 86400)"),
+    ("max_tasks", _count, "N", "finished tasks kept at most, the oldest expire first "
+     "(default 100000)"),
+    ("max_pending_tasks", _count, "N", "clients' tasks pending at once (default 100000)"),
+]
+_TASK_LIMIT_FIELDS = {"task_changes_kept": "changes_kept", "task_retention": "retention",
+                      "max_tasks": "max_tasks", "max_pending_tasks": "max_pending"}
+
+
 def parse_command_line(argv: list[str]) -> Config:
     args = _argument_parser().parse_args(argv)
     config = Config(
@@ -178,6 +210,9 @@ def parse_command_line(argv: list[str]) -> Config:
         log_file=args.log, schema=args.schema, handler_modules=args.handlers,
         limits={name: getattr(args, name) for name, _, _ in _LIMIT_OPTIONS
                 if getattr(args, name) is not None},
+        state_dir=args.state_dir,
+        task_limits={_TASK_LIMIT_FIELDS[name]: getattr(args, name) for name, *_ in _TASK_OPTIONS
+                     if getattr(args, name) is not None},
     )
     chardevs: dict[str, str | None] = {}
     chardev_texts: dict[str, str] = {}
@@ -291,7 +326,7 @@ def _setup_logging(config: Config) -> None:
 
 def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     from .commands import MODULES
-    from .context import Daemon, handlers_in
+    from .context import handlers_in
     from .dispatch import Dispatcher, StartupError
     from .qapi import QapiError, load_schema
     from .qapi.tables import build_tables
@@ -311,13 +346,35 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     tables = build_tables(schema, SCHEMA_DEFINES)
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
     dispatcher = Dispatcher(tables, handlers_in(modules), check_replies=check)
-    daemon = Daemon(tables)
+    daemon = _daemon(config, tables)
     limits = Limits(**config.limits)
     daemon.jobs.max_jobs = limits.max_jobs
     daemon.graph.max_nodes = limits.max_nodes
     for text in config.blockdevs:
         _add_blockdev(daemon, text)
     return daemon, dispatcher
+
+
+def _daemon(config: Config, tables: Tables) -> Daemon:
+    """The daemon's state, its task store opened (a StartupError naming the state directory or
+    the file if that cannot be)."""
+    from .context import Daemon
+    from .dispatch import StartupError
+    from .tasks.errors import StoreError
+    from .tasks.registry import TaskLimits
+
+    state_dir = config.state_dir
+    if state_dir is not None:
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"--state-dir {state_dir}: cannot create: {exc.strerror}") from None
+        if not os.path.isdir(state_dir):
+            raise StartupError(f"--state-dir {state_dir}: not a directory")
+    try:
+        return Daemon(tables, state_dir=state_dir, task_limits=TaskLimits(**config.task_limits))
+    except StoreError as exc:
+        raise StartupError(f"--state-dir {state_dir}: {exc}") from None
 
 
 def _add_blockdev(daemon: Daemon, text: str) -> None:

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from .block.graph import BlockGraph
-from .events import EventBus
+from .events import Event, EventBus, OutputGate
 from .jobs.manager import JobManager
 from .qapi.tables import Tables
 from .qmp.session import Session
+from .tasks.registry import TaskLimits
+from .tasks.service import TaskService, TaskWatch
 
 Handler = Callable[..., Awaitable[object]]
 
@@ -61,22 +63,42 @@ class Daemon:
     """The daemon-wide state handlers reach through ctx, besides their session."""
 
     tables: Tables
+    # Where task records are kept (None: in memory), and their bounds.
+    state_dir: str | None = None
+    task_limits: TaskLimits = field(default_factory=TaskLimits)
     events: EventBus = field(default_factory=EventBus)
     graph: BlockGraph = field(default_factory=BlockGraph)
+    # Holds every client's output while a job's outcome is being committed.
+    gate: OutputGate = field(default_factory=OutputGate)
     jobs: JobManager = field(init=False)
+    tasks: TaskService = field(init=False)
     # Set by `quit`; the server watches it.
     quit_requested: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
         self.jobs = JobManager(self.events.emit)
+        # (Opens the store: a StoreError if the state directory cannot be used.)
+        self.tasks = TaskService(
+            self.jobs, self.events, self.gate, self.state_dir, self.task_limits
+        )
+
+
+def _no_send(event: Event) -> None:
+    raise RuntimeError("this context has no connection to send events on")
 
 
 @dataclass(slots=True)
 class Context:
-    """A handler's view: the calling session and the daemon."""
+    """A handler's view: the calling session and the daemon, and the connection's own state:
+    its peer (uid, pid; None for stdio), its watch of the task feed, how to send it an event,
+    and what to do once the reply it is serving has been sent."""
 
     session: Session
     daemon: Daemon
+    peer: tuple[int, int] | None = None
+    watch: TaskWatch | None = None
+    send_event: Callable[[Event], None] = _no_send
+    after_reply: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def jobs(self) -> JobManager:
@@ -89,3 +111,7 @@ class Context:
     @property
     def graph(self) -> BlockGraph:
         return self.daemon.graph
+
+    @property
+    def tasks(self) -> TaskService:
+        return self.daemon.tasks

@@ -22,6 +22,7 @@ from .qapi.schema import Command
 from .qapi.tables import CommandEntry, Tables, python_name
 from .qmp.errors import QmpError, generic
 from .qmp.session import Request
+from .tasks.errors import TaskError
 
 log = logging.getLogger("qmpjobd.dispatch")
 
@@ -59,7 +60,7 @@ class Dispatcher:
             result = await (fn(ctx, arguments) if entry.boxed else fn(ctx, **arguments))
         except QmpError:
             raise
-        except JobError as exc:
+        except (JobError, TaskError) as exc:
             raise QmpError(exc.cls, exc.desc) from None
         except Exception:
             log.exception("command %s failed unexpectedly (arguments %r)", name, arguments)

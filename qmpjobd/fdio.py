@@ -15,10 +15,13 @@ import os
 import select
 import socket
 import stat
+import struct
 
 import outcome
 import trio
 
+# struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("3i")
 # Errors that mean the peer is gone.
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _INPUT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
@@ -145,6 +148,19 @@ class FdChannel:
         )
         # Regular files are always readable, and epoll refuses them.
         self._pollable = not stat.S_ISREG(os.fstat(read_fd).st_mode)
+
+    def peer_credentials(self) -> tuple[int, int] | None:
+        """(uid, pid) of the process at the other end of a Unix socket (SO_PEERCRED); None for
+        anything else (stdio)."""
+        if not stat.S_ISSOCK(os.fstat(self.read_fd).st_mode):
+            return None
+        try:
+            with socket.socket(fileno=os.dup(self.read_fd)) as sock:
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            return None
+        pid, uid, _gid = _UCRED.unpack(raw)
+        return uid, pid
 
     def read_now(self, size: int) -> bytes | None:
         """What the kernel holds (b'' at end of input or if the peer is gone), or None if

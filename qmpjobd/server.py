@@ -106,7 +106,11 @@ class Connection:
             version=server.options.version, package=server.options.package, pretty=pretty,
             commands=server.dispatcher.commands,
         )
-        self.context = Context(self.session, server.daemon)
+        self.context = Context(
+            self.session, server.daemon, peer=channel.peer_credentials(),
+            send_event=self.send_event,
+        )
+        self._gate = server.daemon.gate
         self.splitter = JsonSplitter()
         # Output the kernel has not taken yet. While it is not empty, the writer task waits
         # for the socket to become writable and nobody else writes.
@@ -134,7 +138,11 @@ class Connection:
         queued output passes the bound is disconnected."""
         if self._closing:
             return
-        if not self._output:
+        if not self._output and not self._gate.open:
+            # Held (a job's outcome is being committed): the writer sends it in order later.
+            self._drained = trio.Event()
+            self._blocked.set()
+        elif not self._output:
             try:
                 written = self.channel.write_now(data)
             except OSError:
@@ -162,6 +170,15 @@ class Connection:
         return len(self._output)
 
     def deliver(self, event: Event) -> None:
+        """An event from the bus: TASK_CHANGE only through the connection's watch."""
+        if event.name == "TASK_CHANGE":
+            watch = self.context.watch
+            if watch is not None:
+                watch.offer(event)
+            return
+        self.send(event.encoded(self.session.encode))
+
+    def send_event(self, event: Event) -> None:
         self.send(event.encoded(self.session.encode))
 
     async def _writer(self) -> None:
@@ -170,6 +187,8 @@ class Connection:
             await self._blocked.wait()
             self._blocked = trio.Event()
             while self._output:
+                if not self._gate.open:
+                    await self._gate.wait_open()
                 await self.channel.wait_writable()
                 try:
                     written = self.channel.write_now(self._output)
@@ -327,6 +346,9 @@ class Connection:
             self.send(session.error_reply(request.id, error))
         else:
             self.send(session.reply(request, value))
+        after, self.context.after_reply = self.context.after_reply, []
+        for action in after:
+            action()
         if not self._subscribed and session.negotiated:
             self._subscribed = True
             self.server.daemon.events.subscribe(self.deliver)
@@ -361,6 +383,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 self.daemon.jobs.run_in(nursery)
+                nursery.start_soon(self.daemon.tasks.run)
                 for listener, monitor in zip(listeners, options.listening, strict=True):
                     nursery.start_soon(self._accept_loop, listener, monitor.path, monitor.pretty)
                 for conn, index in options.greeted:
@@ -377,6 +400,7 @@ class Server:
                 await self._quit.wait()
                 await self._stop_jobs()
                 await self.daemon.graph.close_all()
+                await self.daemon.tasks.close()
                 await self._flush_all()
                 nursery.cancel_scope.cancel()
         finally:

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 SchemaInfo = dict[str, Any]
+
+# qmpjobd's own definitions, which QEMU does not have (docs/compat.md): the comparisons with
+# qemu-storage-daemon leave out what these schema files define.
+OWN_SCHEMA_FILES = ("task.json",)
+
+
+def own_names(schema: Any) -> frozenset[str]:
+    """The names of the commands and events of SCHEMA (a qapi Schema) that OWN_SCHEMA_FILES
+    define."""
+    return frozenset(
+        entity.name for entity in [*schema.commands(), *schema.events()]
+        if entity.info is not None and os.path.basename(entity.info.fname) in OWN_SCHEMA_FILES
+    )
 
 
 def shape(entries: list[SchemaInfo], name: str) -> Any:

@@ -4,6 +4,6 @@ Thin: each handler hands its checked arguments to the layer that does the work. 
 daemon's own; the dispatcher is built from these and any the command line adds (--handlers).
 """
 
-from . import block, block_jobs, control, job, transaction
+from . import block, block_jobs, control, job, task, transaction
 
-MODULES = (block, block_jobs, control, job, transaction)
+MODULES = (block, block_jobs, control, job, task, transaction)

@@ -99,6 +99,7 @@ async def block_job_cancel(ctx: Context, *, device: str, force: bool = False) ->
     if job.user_paused and not force:
         raise JobError(f"The block job for device '{device}' is currently paused")
     job.cancel(force)
+    ctx.tasks.recorder.cancel_requested(job)
     await job.settle()
 
 

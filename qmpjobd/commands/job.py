@@ -25,6 +25,7 @@ async def job_resume(ctx: Context, *, id: str) -> None:
 async def job_cancel(ctx: Context, *, id: str) -> None:
     job = ctx.jobs.find(id)
     job.cancel(force=True)
+    ctx.tasks.recorder.cancel_requested(job)
     await job.settle()
 
 

@@ -45,5 +45,8 @@ async def transaction(
         for created in reversed(prepared):
             created.discard()
         raise
+    if prepared:
+        # The transaction's own task, whose subtasks are its jobs' tasks.
+        ctx.tasks.transaction([job.id for job in prepared])
     await ctx.jobs.start(*prepared)
 

@@ -289,7 +289,9 @@ class Job:
 
     def discard(self) -> None:
         """A created job that will never start (its transaction failed): it aborts, concludes
-        and goes away at once."""
+        and goes away at once, cancelled (what its task record says)."""
+        self.cancelled = self.force_cancel = True
+        self.error = CANCELED
         self.transition(JobStatus.ABORTING)
         self.transition(JobStatus.CONCLUDED)
         self.transition(JobStatus.NULL)
@@ -312,6 +314,10 @@ class Job:
 
     def on_finalized(self) -> None:
         """After commit or abort, before `concluded`: block jobs report how it ended."""
+
+    def result(self) -> dict[str, Any] | None:
+        """What the job produced, for its task record once it succeeded (None: nothing)."""
+        return None
 
     # -- what query-jobs shows -------------------------------------------------------------
 

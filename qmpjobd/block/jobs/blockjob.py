@@ -118,6 +118,10 @@ class BlockJob(Job):
             data["error"] = self.error
             self._emit("BLOCK_JOB_COMPLETED", data)
 
+    def result(self) -> dict[str, Any]:
+        # As the job's final BLOCK_JOB_COMPLETED says it.
+        return {"len": self.progress_total, "offset": self.progress_current}
+
     def source_bitmap(self) -> dict[str, Any] | None:
         """The dirty bitmap the job keeps on its source, as query-named-block-nodes lists it
         (None: the job keeps none)."""

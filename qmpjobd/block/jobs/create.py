@@ -30,6 +30,9 @@ class CreateJob(Job):
         self.options = options
         self.progress_total = 1
 
+    def result(self) -> dict[str, Any]:
+        return {"filename": self.options.get("filename"), "size": self.options.get("size")}
+
     async def run(self) -> None:
         self.io_begin()
         try:

@@ -1,0 +1,160 @@
+"""Handlers for schema/task.json: task records, their changes, and watching them.
+
+The rules are the task layer's (tasks/registry.py, tasks/service.py); a reply to a command that
+changes a task is sent once the change is committed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..context import Context, handler
+from ..jobs.errors import JobError
+from ..tasks.model import DEFAULT_TYPE, Task
+from ..tasks.registry import (
+    ABSENT,
+    MAX_DESCRIPTION,
+    MAX_NAME,
+    check_length,
+    check_other_config,
+)
+from ..tasks.service import QUERY_LIMIT, TaskWatch
+
+
+@handler("query-tasks")
+async def query_tasks(ctx: Context, **filters: Any) -> list[dict[str, Any]]:
+    return await ctx.tasks.registry.query(**filters)
+
+
+@handler("query-task")
+async def query_task(ctx: Context, *, uuid: str) -> dict[str, Any]:
+    return await ctx.tasks.registry.get(uuid)
+
+
+@handler("task-create")
+async def task_create(
+    ctx: Context, *, name_label: str, name_description: str = "", type: str = DEFAULT_TYPE,
+    other_config: object = None, subtask_of: str | None = None,
+) -> dict[str, str]:
+    uuid = await ctx.tasks.registry.create(
+        name_label=name_label, name_description=name_description, type=type,
+        other_config=other_config, subtask_of=subtask_of, owner=ctx.peer,
+    )
+    return {"uuid": uuid}
+
+
+@handler("task-set-progress")
+async def task_set_progress(ctx: Context, *, uuid: str, progress: float) -> None:
+    await ctx.tasks.registry.set_progress(uuid, progress)
+
+
+@handler("task-set-result")
+async def task_set_result(
+    ctx: Context, *, uuid: str, result: object = ABSENT, result_type: str | None = None
+) -> None:
+    await ctx.tasks.registry.set_result(uuid, result, result_type)
+
+
+@handler("task-set-error-info")
+async def task_set_error_info(
+    ctx: Context, *, uuid: str, error_info: list[str], error_code: int | None = None
+) -> None:
+    await ctx.tasks.registry.set_error_info(uuid, error_info, error_code)
+
+
+@handler("task-set-status")
+async def task_set_status(ctx: Context, *, uuid: str, status: str) -> None:
+    await ctx.tasks.registry.set_client_status(uuid, status)
+
+
+@handler("task-set-name-label")
+async def task_set_name_label(ctx: Context, *, uuid: str, name_label: str) -> None:
+    check_length("name-label", name_label, MAX_NAME)
+
+    def rename(task: Task) -> None:
+        task.name_label = name_label
+
+    await ctx.tasks.registry.edit(uuid, rename)
+
+
+@handler("task-set-name-description")
+async def task_set_name_description(ctx: Context, *, uuid: str, name_description: str) -> None:
+    check_length("name-description", name_description, MAX_DESCRIPTION)
+
+    def describe(task: Task) -> None:
+        task.name_description = name_description
+
+    await ctx.tasks.registry.edit(uuid, describe)
+
+
+@handler("task-set-other-config")
+async def task_set_other_config(ctx: Context, *, uuid: str, other_config: object) -> None:
+    config = check_other_config(other_config)
+
+    def replace(task: Task) -> None:
+        task.other_config = config
+
+    await ctx.tasks.registry.edit(uuid, replace)
+
+
+@handler("task-add-to-other-config")
+async def task_add_to_other_config(ctx: Context, *, uuid: str, key: str, value: str) -> None:
+    def add(task: Task) -> None:
+        task.other_config = check_other_config({**task.other_config, key: value})
+
+    await ctx.tasks.registry.edit(uuid, add)
+
+
+@handler("task-remove-from-other-config")
+async def task_remove_from_other_config(ctx: Context, *, uuid: str, key: str) -> None:
+    def remove(task: Task) -> None:
+        task.other_config.pop(key, None)
+
+    await ctx.tasks.registry.edit(uuid, remove)
+
+
+@handler("task-cancel")
+async def task_cancel(ctx: Context, *, uuid: str) -> None:
+    tasks = ctx.tasks
+    task = tasks.registry.live.get(uuid)
+    if task is None:  # no such task (the error says so), or finished
+        raise tasks.registry.refusal(Task.from_info(await tasks.registry.get(uuid)), "cancel")
+    if task.job_id is None:
+        await tasks.registry.cancel_client_task(task)
+        return
+    # A job's task: exactly job-cancel of its job.
+    job = ctx.jobs.get(task.job_id)
+    if job is None:
+        raise JobError("Job not found")
+    job.cancel(force=True)
+    tasks.recorder.cancel_requested(job)
+    await job.settle()
+    await tasks.registry.sync()
+
+
+@handler("task-destroy")
+async def task_destroy(ctx: Context, *, uuid: str) -> None:
+    await ctx.tasks.registry.destroy(uuid)
+
+
+@handler("query-task-changes")
+async def query_task_changes(
+    ctx: Context, *, since: int = 0, limit: int = QUERY_LIMIT
+) -> dict[str, Any]:
+    return await ctx.tasks.changes(since, limit)
+
+
+@handler("task-watch")
+async def task_watch(ctx: Context, *, since: int | None = None) -> dict[str, int]:
+    watch = ctx.watch
+    if watch is None:
+        watch = ctx.watch = TaskWatch(ctx.send_event)
+    start = await ctx.tasks.watch(watch, since)
+    ctx.after_reply.append(watch.finish)
+    return {"seq": start}
+
+
+@handler("task-unwatch")
+async def task_unwatch(ctx: Context) -> None:
+    if ctx.watch is not None:
+        ctx.watch.cancel()
