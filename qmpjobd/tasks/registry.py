@@ -101,6 +101,9 @@ class TaskRegistry:
         self._last_progress: dict[str, float] = {}
         # Finished records are edited one at a time (read, change, write back).
         self._edit = trio.Lock()
+        # The outcomes (status, error-info) of the finished subtasks of each unfinished
+        # transaction task, by subtask.
+        self._outcomes: dict[str, dict[str, tuple[TaskStatus, list[str]]]] = {}
 
     # -- recording changes ---------------------------------------------------------------
 
@@ -151,7 +154,7 @@ class TaskRegistry:
         if status.finished and task.subtask_of is not None:
             parent = self.live.get(task.subtask_of)
             if parent is not None and parent.type == TRANSACTION:
-                self._settle_transaction(parent)
+                self.subtask_finished(parent, task)
 
     def new_task(self, **fields: Any) -> Task:
         task = Task(uuid=str(uuids.uuid4()), created=self.clock(), **fields)
@@ -214,7 +217,9 @@ class TaskRegistry:
         config = {} if other_config is None else check_other_config(other_config)
         parent = None
         if subtask_of is not None:
-            parent = self._live_or_error(subtask_of)
+            parent = self.live.get(subtask_of)
+            if parent is None:  # no such task (the error says so), or a finished one
+                parent = Task.from_info(await self.get(subtask_of))
             if parent.status != TaskStatus.PENDING:
                 raise self.refusal(parent, "add a subtask")
         task = self.new_task(
@@ -354,28 +359,24 @@ class TaskRegistry:
             self.changed(task, urgent=False)
         return parent
 
-    def _settle_transaction(self, parent: Task) -> None:
-        """A transaction's task finishes once all its jobs' tasks have: success if all did."""
-        children = [self.live.get(uuid) for uuid in parent.subtasks]
-        outcomes = [child for child in children if child is not None and child.status.finished]
-        if len(outcomes) != len(children) or parent.status.finished:
+    def subtask_finished(self, parent: Task, child: Task) -> None:
+        """A transaction's job task finished: the transaction's task finishes once all have,
+        a success if all are (else failure, or cancelled if none failed)."""
+        outcomes = self._outcomes.setdefault(parent.uuid, {})
+        outcomes[child.uuid] = (child.status, child.error_info)
+        if len(outcomes) < len(parent.subtasks) or parent.status.finished:
             return
-        failed = [child for child in outcomes if child.status == TaskStatus.FAILURE]
+        del self._outcomes[parent.uuid]
+        failed = [info for status, info in outcomes.values() if status == TaskStatus.FAILURE]
         if failed:
-            parent.error_info = ["JobFailed", *failed[0].error_info[1:2]]
+            parent.error_info = list(failed[0])
             self.set_status(parent, TaskStatus.FAILURE)
-        elif any(child.status == TaskStatus.CANCELLED for child in outcomes):
+        elif any(status == TaskStatus.CANCELLED for status, _ in outcomes.values()):
             self.set_status(parent, TaskStatus.CANCELLED)
         else:
             self.set_status(parent, TaskStatus.SUCCESS)
 
     # -- lookups and refusals --------------------------------------------------------------
-
-    def _live_or_error(self, uuid: str) -> Task:
-        task = self.live.get(uuid)
-        if task is None:
-            raise TaskError(f"Task '{uuid}' not found, or finished")
-        return task
 
     async def _client_task(self, uuid: str, what: str, operation: str) -> Task:
         """A client's unfinished task, for OPERATION; else the error that says why not: no

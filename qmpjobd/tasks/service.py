@@ -19,7 +19,7 @@ from ..events import Event, EventBus, OutputGate
 from ..jobs.manager import JobManager
 from .errors import TaskError
 from .feed import TaskFeed
-from .model import Task, TaskStatus
+from .model import TRANSACTION, Task, TaskStatus
 from .recorder import TaskRecorder
 from .registry import QUERY_LIMIT, QUERY_LIMIT_MAX, TaskLimits, TaskRegistry
 from .store import TaskStore
@@ -53,6 +53,16 @@ class TaskService:
             registry.live[task.uuid] = task
             if not task.is_job_task and not task.status.finished:
                 registry.pending_clients += 1
+        for parent in list(registry.live.values()):
+            if parent.type != TRANSACTION or parent.status.finished:
+                continue
+            for uuid in parent.subtasks:  # those that finished before the restart
+                child = registry.live.get(uuid)
+                if child is None:
+                    found = self.store.get(uuid)
+                    child = None if found is None else Task.from_info(found)
+                if child is not None and child.status.finished:
+                    registry.subtask_finished(parent, child)
         for task in list(registry.live.values()):
             if not task.is_job_task:
                 continue
