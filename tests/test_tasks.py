@@ -6,6 +6,7 @@ and talks QMP to it. Waits are on events (JOB_STATUS_CHANGE, TASK_CHANGE), never
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -391,3 +392,95 @@ def test_a_watch_resumes_without_gap_or_duplicate(daemon: DaemonProcess) -> None
             ok(writer, "task-set-progress", uuid=b, progress=0.75)
             live = next_change(watcher)
             assert (live["seq"], live["uuid"]) == (start + 1, b)
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+
+def test_finished_tasks_expire_after_the_retention(tmp_path: Path) -> None:
+    with start_qmpjobd(tmp_path, "--task-retention", "0.2") as d, d.connect() as conn:
+        ok(conn, "task-watch")
+        pending = create(conn, "stays")
+        done = create(conn, "goes")
+        ok(conn, "task-set-result", uuid=done)
+        while (change := next_change(conn))["change"] != "del":
+            pass
+        assert change["uuid"] == done and "task" not in change
+        assert error(conn, "query-task", uuid=done) == f"Task '{done}' not found"
+        assert task(conn, pending)["status"] == "pending"  # pending tasks never expire
+
+
+def test_the_oldest_finished_tasks_expire_beyond_max_tasks(tmp_path: Path) -> None:
+    with start_qmpjobd(tmp_path, "--max-tasks", "2") as d, d.connect() as conn:
+        ok(conn, "task-watch")
+        made = [create(conn, f"t{i}") for i in range(3)]
+        for uuid in made:
+            ok(conn, "task-set-result", uuid=uuid)
+        while (change := next_change(conn))["change"] != "del":
+            pass
+        assert change["uuid"] == made[0]
+        assert [r["uuid"] for r in ok(conn, "query-tasks")] == made[:0:-1]
+
+
+def test_changes_older_than_those_kept_are_refused(tmp_path: Path) -> None:
+    with start_qmpjobd(tmp_path, "--task-changes-kept", "5") as d, d.connect() as conn:
+        uuid = create(conn)
+        for step in range(9):
+            ok(conn, "task-set-progress", uuid=uuid, progress=step / 10)
+        last = task(conn, uuid)["seq"]
+        assert last == 10
+        expected = ("The changes after 0 are no longer kept (the oldest kept follows 5): list "
+                    "the tasks again (query-tasks)")
+        assert error(conn, "query-task-changes", since=0) == expected
+        assert error(conn, "task-watch", since=0) == expected
+        assert ok(conn, "query-task-changes", since=5)["seq"] == last
+
+
+def test_job_progress_is_coalesced_and_the_last_value_sent(conn: QmpConnection) -> None:
+    """A backup whose progress changes every 10 ms: at most one progress change per 100 ms
+    reaches the feed, and the final record says 1."""
+    nodes(conn, "src", "dst", size=64 * MiB)
+    ok(conn, "task-watch")
+    ok(conn, "blockdev-backup", job_id="j", device="src", target="dst", sync="full",
+       speed=100 * MiB)
+    progress = []
+    while True:
+        change = next_change(conn)
+        record = change["task"]
+        if record.get("job-id") != "j":
+            continue
+        progress.append(record["progress"])
+        if record["status"] != "pending":
+            break
+    assert record["status"] == "success" and progress[-1] == 1
+    moves = [p for p, q in itertools.pairwise(progress) if q != p]
+    # 64 chunks in about 0.64 s: without coalescing there would be 64 changes.
+    assert 1 <= len(moves) <= 20, progress
+
+
+def test_a_watcher_resumes_across_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with start_qmpjobd(tmp_path, "--state-dir", str(state)) as d:
+        with d.connect() as watcher:
+            seen = ok(watcher, "task-watch")["seq"]
+            with d.connect() as writer:
+                a = create(writer, "a")
+                assert next_change(watcher)["uuid"] == a
+                seen += 1
+        with d.connect() as writer:  # while nobody watches
+            b = create(writer, "b")
+            ok(writer, "task-set-progress", uuid=a, progress=0.5)
+            ok(writer, "quit")
+        d.wait()
+    with start_qmpjobd(tmp_path, "--state-dir", str(state)) as d, d.connect() as writer:
+        ok(writer, "task-set-result", uuid=b)
+        with d.connect() as watcher:
+            start = ok(watcher, "task-watch", since=seen)["seq"]
+            missed = [next_change(watcher) for _ in range(2)]
+            assert [(c["uuid"], c["change"]) for c in missed] == [(a, "mod"), (b, "mod")]
+            assert missed[0]["task"]["progress"] == 0.5
+            assert missed[1]["task"]["status"] == "success"
+            assert missed[1]["seq"] == start
+            c = create(writer, "c")
+            live = next_change(watcher)
+            assert (live["uuid"], live["seq"], live["change"]) == (c, start + 1, "add")

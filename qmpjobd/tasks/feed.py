@@ -105,6 +105,8 @@ class TaskFeed:
             self._urgent = False
             await self._commit(batch)
             self.committed_seq = batch[-1].seq
+            # As the store has just dropped the changes too old to keep.
+            self.floor = max(self.floor, self.committed_seq - self.store.changes_kept)
             self._release_gate()
             for change in batch:
                 data: dict[str, Any] = {"seq": change.seq, "change": change.kind,
