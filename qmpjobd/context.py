@@ -91,7 +91,8 @@ def _no_send(event: Event) -> None:
 class Context:
     """A handler's view: the calling session and the daemon, and the connection's own state:
     its peer (uid, pid; None for stdio), its watch of the task feed, how to send it an event,
-    and what to do once the reply it is serving has been sent."""
+    what to do once the reply it is serving has been sent, and the task change that reply must
+    wait for (committed; 0: none)."""
 
     session: Session
     daemon: Daemon
@@ -99,6 +100,7 @@ class Context:
     watch: TaskWatch | None = None
     send_event: Callable[[Event], None] = _no_send
     after_reply: list[Callable[[], None]] = field(default_factory=list)
+    reply_after: int = 0
 
     @property
     def jobs(self) -> JobManager:

@@ -19,6 +19,7 @@ the queue.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -111,6 +112,12 @@ class Connection:
             send_event=self.send_event,
         )
         self._gate = server.daemon.gate
+        # Replies that wait for their task change's commit, and what follows them: (the change
+        # to wait for, or 0; the bytes), sent in order by a task while not empty.
+        self._feed = server.daemon.tasks.feed
+        self._after_commit: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._flushing = False
+        self._flushed = trio.Event()
         self.splitter = JsonSplitter()
         # Output the kernel has not taken yet. While it is not empty, the writer task waits
         # for the socket to become writable and nobody else writes.
@@ -134,6 +141,37 @@ class Connection:
     # -- output ----------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        """Send DATA now, or after the replies that wait for a commit (send_after_commit)."""
+        if self._after_commit:
+            self._after_commit.append((0, data))
+            return
+        self._transmit(data)
+
+    def send_after_commit(self, seq: int, data: bytes) -> None:
+        """Send DATA (a reply) once the task change SEQ is committed; what the connection
+        sends meanwhile follows it."""
+        if not self._after_commit and seq <= self._feed.committed_seq:
+            self._transmit(data)
+            return
+        self._after_commit.append((seq, data))
+        if not self._flushing:
+            self._flushing = True
+            self._nursery.start_soon(self._flush_after_commit)
+
+    async def _flush_after_commit(self) -> None:
+        queue = self._after_commit
+        while queue:
+            seq, data = queue[0]
+            if seq > self._feed.committed_seq:
+                await self._feed.wait_committed(seq)
+                continue
+            queue.popleft()
+            self._transmit(data)
+        self._flushing = False
+        self._flushed.set()
+        self._flushed = trio.Event()
+
+    def _transmit(self, data: bytes) -> None:
         """Send DATA now, or queue what the kernel does not take; never blocks. A client whose
         queued output passes the bound is disconnected."""
         if self._closing:
@@ -205,6 +243,7 @@ class Connection:
 
     def close(self) -> None:
         self._closing = True
+        self._after_commit.clear()
         self.server.output_held -= len(self._output)
         self._output.clear()
         self._drained.set()
@@ -229,6 +268,7 @@ class Connection:
     async def serve(self) -> None:
         with self._scope:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._writer)
                 if not self.greeted:
                     self.send(self.session.greeting())
@@ -238,6 +278,8 @@ class Connection:
                     self._input_ended = True
                     self._signal_inband()
                     await self._inband_done.wait()
+                while self._flushing:
+                    await self._flushed.wait()
                 await self.drain()
                 nursery.cancel_scope.cancel()
 
@@ -343,9 +385,14 @@ class Connection:
         try:
             value = await self.server.dispatcher.run(self.context, request)
         except QmpError as error:
+            self.context.reply_after = 0
             self.send(session.error_reply(request.id, error))
         else:
-            self.send(session.reply(request, value))
+            commit, self.context.reply_after = self.context.reply_after, 0
+            if commit:
+                self.send_after_commit(commit, session.reply(request, value))
+            else:
+                self.send(session.reply(request, value))
         after, self.context.after_reply = self.context.after_reply, []
         for action in after:
             action()

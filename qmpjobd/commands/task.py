@@ -1,7 +1,8 @@
 """Handlers for schema/task.json: task records, their changes, and watching them.
 
-The rules are the task layer's (tasks/registry.py, tasks/service.py); a reply to a command that
-changes a task is sent once the change is committed.
+The rules are the task layer's (tasks/registry.py, tasks/service.py). The reply to a command
+that changes a task is held until the change is committed (`_after_commit`); the connection's
+next commands need not wait for that.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from ..tasks.registry import (
     check_other_config,
 )
 from ..tasks.service import QUERY_LIMIT, TaskWatch
+
+
+def _after_commit(ctx: Context) -> None:
+    """Send this command's reply once every change made so far is committed."""
+    ctx.reply_after = ctx.tasks.feed.last_seq
 
 
 @handler("query-tasks")
@@ -40,12 +46,14 @@ async def task_create(
         name_label=name_label, name_description=name_description, type=type,
         other_config=other_config, subtask_of=subtask_of, owner=ctx.peer,
     )
+    _after_commit(ctx)
     return {"uuid": uuid}
 
 
 @handler("task-set-progress")
 async def task_set_progress(ctx: Context, *, uuid: str, progress: float) -> None:
     await ctx.tasks.registry.set_progress(uuid, progress)
+    _after_commit(ctx)
 
 
 @handler("task-set-result")
@@ -53,6 +61,7 @@ async def task_set_result(
     ctx: Context, *, uuid: str, result: object = ABSENT, result_type: str | None = None
 ) -> None:
     await ctx.tasks.registry.set_result(uuid, result, result_type)
+    _after_commit(ctx)
 
 
 @handler("task-set-error-info")
@@ -60,11 +69,13 @@ async def task_set_error_info(
     ctx: Context, *, uuid: str, error_info: list[str], error_code: int | None = None
 ) -> None:
     await ctx.tasks.registry.set_error_info(uuid, error_info, error_code)
+    _after_commit(ctx)
 
 
 @handler("task-set-status")
 async def task_set_status(ctx: Context, *, uuid: str, status: str) -> None:
     await ctx.tasks.registry.set_client_status(uuid, status)
+    _after_commit(ctx)
 
 
 @handler("task-set-name-label")
@@ -75,6 +86,7 @@ async def task_set_name_label(ctx: Context, *, uuid: str, name_label: str) -> No
         task.name_label = name_label
 
     await ctx.tasks.registry.edit(uuid, rename)
+    _after_commit(ctx)
 
 
 @handler("task-set-name-description")
@@ -85,6 +97,7 @@ async def task_set_name_description(ctx: Context, *, uuid: str, name_description
         task.name_description = name_description
 
     await ctx.tasks.registry.edit(uuid, describe)
+    _after_commit(ctx)
 
 
 @handler("task-set-other-config")
@@ -95,6 +108,7 @@ async def task_set_other_config(ctx: Context, *, uuid: str, other_config: object
         task.other_config = config
 
     await ctx.tasks.registry.edit(uuid, replace)
+    _after_commit(ctx)
 
 
 @handler("task-add-to-other-config")
@@ -103,6 +117,7 @@ async def task_add_to_other_config(ctx: Context, *, uuid: str, key: str, value: 
         task.other_config = check_other_config({**task.other_config, key: value})
 
     await ctx.tasks.registry.edit(uuid, add)
+    _after_commit(ctx)
 
 
 @handler("task-remove-from-other-config")
@@ -111,6 +126,7 @@ async def task_remove_from_other_config(ctx: Context, *, uuid: str, key: str) ->
         task.other_config.pop(key, None)
 
     await ctx.tasks.registry.edit(uuid, remove)
+    _after_commit(ctx)
 
 
 @handler("task-cancel")
@@ -121,6 +137,7 @@ async def task_cancel(ctx: Context, *, uuid: str) -> None:
         raise tasks.registry.refusal(Task.from_info(await tasks.registry.get(uuid)), "cancel")
     if task.job_id is None:
         await tasks.registry.cancel_client_task(task)
+        _after_commit(ctx)
         return
     # A job's task: exactly job-cancel of its job.
     job = ctx.jobs.get(task.job_id)
@@ -129,12 +146,13 @@ async def task_cancel(ctx: Context, *, uuid: str) -> None:
     job.cancel(force=True)
     tasks.recorder.cancel_requested(job)
     await job.settle()
-    await tasks.registry.sync()
+    _after_commit(ctx)
 
 
 @handler("task-destroy")
 async def task_destroy(ctx: Context, *, uuid: str) -> None:
     await ctx.tasks.registry.destroy(uuid)
+    _after_commit(ctx)
 
 
 @handler("query-task-changes")

@@ -83,8 +83,11 @@ class TaskFeed:
 
     async def sync(self) -> None:
         """Wait until every change recorded so far is committed."""
-        target = self.last_seq
-        while self.committed_seq < target:
+        await self.wait_committed(self.last_seq)
+
+    async def wait_committed(self, seq: int) -> None:
+        """Wait until the change SEQ (and every one before it) is committed."""
+        while self.committed_seq < seq:
             self._urgent = True
             self._wake.set()
             await self._committed.wait()

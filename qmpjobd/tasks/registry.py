@@ -2,9 +2,10 @@
 
 The tasks that are not finished (and job tasks whose job still exists) are kept here as live
 `Task`s; a finished task lives only in the store. Every change goes through the feed
-(`_changed`), which gives it its sequence number; a command's reply waits until its change is
-committed (`TaskRegistry.sync`). What a client reads comes from the store, after a sync, so it
-never sees a change that a crash could take back.
+(`changed`), which gives it its sequence number; the reply to the command that made it is held
+until it is committed (the handler says so: Context.reply_after), while the connection's next
+commands go on, so that one client's pipelined changes share commits too. What a client reads
+comes from the store, after a sync, so it never sees a change that a crash could take back.
 """
 
 from __future__ import annotations
@@ -234,7 +235,6 @@ class TaskRegistry:
         if parent is not None:
             parent.subtasks.append(task.uuid)
             self.changed(parent)
-        await self.sync()
         return task.uuid
 
     async def set_progress(self, uuid: str, progress: float) -> None:
@@ -244,7 +244,6 @@ class TaskRegistry:
         task = await self._client_task(uuid, "progress", "set-progress")
         task.progress = float(progress)
         self.changed(task)
-        await self.sync()
 
     async def set_result(self, uuid: str, result: object, result_type: str | None) -> None:
         task = await self._client_task(uuid, "result", "set-result")
@@ -257,7 +256,6 @@ class TaskRegistry:
         task.error_info = []
         task.error_code = None
         self.set_status(task, TaskStatus.SUCCESS)
-        await self.sync()
 
     async def set_error_info(
         self, uuid: str, error_info: list[str], error_code: int | None
@@ -269,18 +267,15 @@ class TaskRegistry:
         task.error_code = error_code
         task.clear_result()
         self.set_status(task, TaskStatus.FAILURE)
-        await self.sync()
 
     async def set_client_status(self, uuid: str, status: str) -> None:
         task = await self._client_task(uuid, "status", "set-status")
         self.set_status(task, TaskStatus(status))
-        await self.sync()
 
     async def cancel_client_task(self, task: Task) -> None:
         if task.status != TaskStatus.PENDING:
             raise self.refusal(task, "cancel")
         self.set_status(task, TaskStatus.CANCELLING)
-        await self.sync()
 
     async def edit(self, uuid: str, change: Callable[[Task], None]) -> None:
         """Names and other-config, which any task may have changed, finished or not."""
@@ -291,7 +286,6 @@ class TaskRegistry:
                 task = Task.from_info(record)
             change(task)
             self.changed(task)
-            await self.sync()
 
     async def destroy(self, uuid: str) -> None:
         async with self._edit:
@@ -322,7 +316,6 @@ class TaskRegistry:
             parent_uuid = record.get("subtask-of")
             if parent_uuid is not None:
                 await self._drop_subtask(parent_uuid, uuid)
-            await self.sync()
 
     async def _drop_subtask(self, parent_uuid: str, uuid: str) -> None:
         parent = self.live.get(parent_uuid)
