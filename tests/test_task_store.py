@@ -5,17 +5,20 @@ cannot be used: a clear start-up error, and the files left as they were.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from qmpjobd.tasks.model import timestamp
 from tests.daemons import QMPJOBD, DaemonProcess, daemon_env, start_qmpjobd
 from tests.test_tasks import create, error, nodes, ok, task
 
@@ -222,7 +225,7 @@ def test_a_newer_database_is_refused_and_left_alone(tmp_path: Path) -> None:
     before = digest(database)
     assert start_error(tmp_path, state) == (
         f"qmpjobd: --state-dir {state}: {database}: written by a newer qmpjobd (layout 99, this "
-        "one knows 1); left as it is")
+        "one knows 2); left as it is")
     assert digest(database) == before
 
 
@@ -291,3 +294,37 @@ def test_a_job_outcome_is_committed_before_any_client_sees_it_conclude(tmp_path:
             assert record["status"] == "success" and record["result"] == {"len": MiB,
                                                                           "offset": MiB}
             ok(conn, "quit")
+
+
+def test_an_older_database_is_migrated_in_place(tmp_path: Path) -> None:
+    """A database of layout 1 (the first: no filter indexes) gets layout 2, its records kept."""
+    from qmpjobd.tasks import store
+
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(state / "tasks.sqlite3", isolation_level=None)
+    store._create(db, version=1)
+    now = time.time()  # (an older task would expire at once)
+    record = {
+        "uuid": "u1", "type": "old", "name-label": "kept", "name-description": "",
+        "status": "success", "created": timestamp(now), "finished": timestamp(now + 1),
+        "progress": 1.0, "error-info": [],
+        "allowed-operations": ["destroy"], "subtasks": [], "other-config": {},
+        "resident-on": "h", "history": [], "seq": 1,
+    }
+    db.execute("INSERT INTO tasks VALUES ('u1', 1, ?, ?, 'success', 'old', 'kept', NULL, NULL, "
+               "0, ?)", (now, now + 1, json.dumps(record)))
+    db.execute("INSERT INTO changes VALUES ('u1', 1, 'add')")
+    db.execute("UPDATE meta SET value = 1 WHERE key IN ('last_seq', 'finished')")
+    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    db.close()
+    with start_qmpjobd(tmp_path, "--state-dir", str(state)) as d, d.connect() as conn:
+        assert [r["name-label"] for r in ok(conn, "query-tasks", type="old")] == ["kept"]
+        assert create(conn) and task(conn, "u1")["status"] == "success"
+        ok(conn, "quit")
+    db = sqlite3.connect(state / "tasks.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone() == (store.VERSION,) == (2,)
+    indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"tasks_by_type", "tasks_by_label", "tasks_by_status", "tasks_by_job"} <= indexes
+    db.close()
+    check_integrity(state)

@@ -36,8 +36,7 @@ from .model import parse_timestamp
 DATABASE: Final = "tasks.sqlite3"
 LOCK: Final = "tasks.lock"
 APPLICATION_ID: Final = 0x716A6264  # "qjbd"
-VERSION: Final = 1
-
+# The first layout; each later one is the one before and its migration (_MIGRATIONS).
 _LAYOUT: Final = """
 CREATE TABLE tasks (
     uuid TEXT PRIMARY KEY,
@@ -64,6 +63,17 @@ CREATE TABLE changes (
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta VALUES ('last_seq', 0), ('floor', 0), ('finished', 0);
 """
+# Layout N's changes to layout N - 1, applied in place.
+_MIGRATIONS: Final = {
+    # query-tasks' filters on type, name label, status and job id take an index each.
+    2: """
+CREATE INDEX tasks_by_type ON tasks (type, created DESC, seq DESC);
+CREATE INDEX tasks_by_label ON tasks (name_label, created DESC, seq DESC);
+CREATE INDEX tasks_by_status ON tasks (status, created DESC, seq DESC);
+CREATE INDEX tasks_by_job ON tasks (job_id) WHERE job_id IS NOT NULL;
+""",
+}
+VERSION: Final = max(_MIGRATIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +170,7 @@ class TaskStore:
             # page cache); a power failure may lose the last ones (docs/tasks.md).
             db.execute("PRAGMA synchronous=NORMAL")
             if not tables:
-                db.executescript(
-                    f"BEGIN; {_LAYOUT} PRAGMA application_id={APPLICATION_ID}; "
-                    f"PRAGMA user_version={VERSION}; COMMIT;"
-                )
+                _create(db)
             elif version < VERSION:
                 _migrate(db, version, self.path)
             db.execute("SELECT uuid, seq, record FROM tasks LIMIT 1").fetchall()
@@ -368,7 +375,19 @@ def _lock(directory: str) -> int:
     return fd
 
 
+def _create(db: sqlite3.Connection, version: int = VERSION) -> None:
+    """A new database at layout VERSION: the first layout, then each migration."""
+    steps = "".join(_MIGRATIONS[n] for n in range(2, version + 1))
+    db.executescript(
+        f"BEGIN; {_LAYOUT} {steps} PRAGMA application_id={APPLICATION_ID}; "
+        f"PRAGMA user_version={version}; COMMIT;"
+    )
+
+
 def _migrate(db: sqlite3.Connection, version: int, path: str) -> None:
-    """Bring an older layout up to VERSION, in place, in one transaction. (Layout 1 is the
-    first: a file of ours with tables and no layout number is damaged.)"""
-    raise StoreError(f"{path}: unknown task database layout {version}; left as it is")
+    """Bring an older layout up to VERSION, in place, in one transaction: all of it or, if
+    anything fails, nothing (the file stays as it was)."""
+    if version < 1:  # a file of ours with tables and no layout number: damaged
+        raise StoreError(f"{path}: unknown task database layout {version}; left as it is")
+    steps = "".join(_MIGRATIONS[n] for n in range(version + 1, VERSION + 1))
+    db.executescript(f"BEGIN; {steps} PRAGMA user_version={VERSION}; COMMIT;")
