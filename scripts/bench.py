@@ -27,6 +27,12 @@
     scripts/bench.py busy       query-jobs round trips from a second client, back to back, while
                                 a 1 GiB dense backup runs (after an untimed one; repeated until
                                 >= 200 samples): p50, p99 and max latency
+    scripts/bench.py tasks      task records (qmpjobd only; QSD has none): what --state-dir costs
+                                query-jobs (round trip, pipelined, 300 job starts; on/off
+                                ratios), task-set-progress pipelined with persistence, query-jobs
+                                and query-tasks pages over 50,000/100,000 stored finished tasks,
+                                RSS, start-up and disk with 1,000,000, and query-jobs latency
+                                while 10,000 task changes a second are written
 
 The image files go under --dir (default: a fresh directory under /var/tmp, removed at the end).
 
@@ -657,11 +663,236 @@ def bench_busy(given: str | None, want: int = 200) -> None:
     print(f"  ratio qmpjobd/QSD p99: {p99['qmpjobd'] / p99['qemu-storage-daemon']:.2f}")
 
 
+# -- task records ----------------------------------------------------------------------------
+
+
+def fill_state_dir(state: str, count: int) -> None:
+    """COUNT finished tasks (a typical record: a backup's, with its history) written into a
+    state directory's database through the store itself, then the WAL checkpointed."""
+    import time as clock
+
+    from qmpjobd.tasks.model import Task, TaskStatus
+    from qmpjobd.tasks.store import Change, TaskStore
+
+    os.makedirs(state, exist_ok=True)
+    store = TaskStore(state, 100_000)
+    now = clock.time()
+    batch: list[Change] = []
+    for n in range(count):
+        task = Task(uuid=f"{n:08x}-0000-4000-8000-000000000000", type=("backup", "mirror")[n % 2],
+                    name_label=f"job{n}", job_id=f"job{n}", created=now + n * 1e-6,
+                    started=now, finished=now, progress=1.0, status=TaskStatus.SUCCESS, seq=n + 1)
+        task.set_result({"len": 1 << 30, "offset": 1 << 30}, task.type)
+        for status in ("created", "running", "waiting", "pending", "concluded"):
+            task.history.append((TaskStatus.PENDING if status != "concluded"
+                                 else TaskStatus.SUCCESS, None, now))
+        batch.append(Change(n + 1, "add", task.uuid, task.info("bench"), 1))
+        if len(batch) == 10_000:
+            store.commit(batch)
+            batch = []
+    if batch:
+        store.commit(batch)
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+
+def first_reply_ms(argv: list[str], path: str) -> tuple[float, subprocess.Popen[bytes]]:
+    """Exec to the reply to qmp_capabilities (the daemon has opened its state by then)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=REPO)
+    while True:  # a benchmark may poll
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            break
+        except OSError:
+            probe.close()
+            if process.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited with {process.returncode}") from None
+            time.sleep(0.0005)
+    client = Client.__new__(Client)
+    client.sock, client.buffer = probe, b""
+    client.read_line()
+    probe.sendall(NEGOTIATE)
+    client.read_line()
+    elapsed = (time.perf_counter() - start) * 1e3
+    probe.close()
+    return elapsed, process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait()
+
+
+def progress_rate(path: str, depth: int, count: int = 20_000) -> float:
+    """task-set-progress per second from one client with DEPTH requests in flight."""
+    client = Client(path)
+    client.sock.sendall(b'{"execute": "task-create", "arguments": {"name-label": "bench"}}\n')
+    uuid = orjson.loads(client.read_line())["return"]["uuid"]
+
+    def request(i: int) -> bytes:
+        return (b'{"execute": "task-set-progress", "arguments": {"uuid": "%s", "progress": %f}}\n'
+                % (uuid.encode(), i / count))
+
+    start = time.perf_counter()
+    client.sock.sendall(b"".join(request(i) for i in range(depth)))
+    sent = depth
+    for _ in range(count):
+        client.read_line()
+        if sent < count:
+            client.sock.sendall(request(sent))
+            sent += 1
+    elapsed = time.perf_counter() - start
+    client.close()
+    return count / elapsed
+
+
+def query_ms(client: Client, request: bytes, times: int = 200) -> list[float]:
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        client.sock.sendall(request)
+        client.read_line()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def bench_tasks(given: str | None) -> None:
+    with bench_dir(given) as workdir:
+        state = os.path.join(workdir, "state")
+        # 1. What --state-dir costs the QEMU-compatible conversation (repeats interleaved).
+        figures: dict[str, dict[str, list[float]]] = {}
+        for repeat in range(3):
+            for name, extra in (("memory", []), ("state-dir", ["--state-dir", state])):
+                shutil.rmtree(state, ignore_errors=True)
+                path = os.path.join(workdir, f"t{repeat}-{name}.sock")
+                results = figures.setdefault(name, {"rtt": [], "pipe": [], "start": []})
+                with running([*qmpjobd_argv([path]), *extra], path):
+                    results["rtt"].append(rtt([path]))
+                    results["pipe"].append(pipe([path]))
+                    client = QmpClient(path)
+                    results["start"].append(start_jobs(client, 0, 300, 64 << 20))
+                    client.close()
+        print("tasks: what --state-dir costs (median of 3; on/off, within 10% is the goal)")
+        for figure, unit in (("rtt", "us"), ("pipe", "msg/s"), ("start", "s (300 jobs)")):
+            off = statistics.median(figures["memory"][figure])
+            on = statistics.median(figures["state-dir"][figure])
+            print(f"  {figure:6} in memory {off:10.3f} {unit:13} state dir {on:10.3f}  "
+                  f"ratio {on / off:.2f}")
+        # 2. A client's pipelined task-set-progress, committed before each reply.
+        shutil.rmtree(state, ignore_errors=True)
+        path = os.path.join(workdir, "progress.sock")
+        with running([*qmpjobd_argv([path]), "--state-dir", state], path):
+            for depth in (64, 8):
+                rate = progress_rate(path, depth)
+                print(f"tasks: task-set-progress pipelined, {depth} in flight, state dir: "
+                      f"{rate:.0f}/s (goal >= 20000/s)")
+        # 3. 100,000 and 50,000 stored finished tasks: query-tasks pages, query-jobs.
+        for stored in (0, 50_000, 100_000):
+            shutil.rmtree(state, ignore_errors=True)
+            fill_state_dir(state, stored)
+            path = os.path.join(workdir, f"stored{stored}.sock")
+            with running([*qmpjobd_argv([path]), "--state-dir", state, "--max-tasks",
+                          "2000000"], path):
+                client = Client(path)
+                jobs = statistics.median(query_ms(client, QUERY, 2000))
+                page = statistics.median(query_ms(client, b'{"execute": "query-tasks", '
+                                                  b'"arguments": {"type": "mirror", '
+                                                  b'"limit": 100}}\n'))
+                client.close()
+            print(f"tasks: {stored:7} stored: query-jobs {jobs * 1e3:6.0f} us, query-tasks "
+                  f"page of 100 (type filter) {page:6.2f} ms (goal <= 5 ms)")
+        # 4. A million stored finished tasks: memory, start-up, disk.
+        measures = {}
+        for stored in (0, 1_000_000):
+            shutil.rmtree(state, ignore_errors=True)
+            fill_state_dir(state, stored)
+            size = dir_bytes(state)
+            path = os.path.join(workdir, f"million{stored}.sock")
+            argv = [*qmpjobd_argv([path]), "--state-dir", state, "--max-tasks", "2000000"]
+            starts = []
+            for _ in range(3):
+                elapsed, process = first_reply_ms(argv, path)
+                starts.append(elapsed)
+                rss = rss_kib(process.pid)
+                stop(process)
+            measures[stored] = (statistics.median(starts), rss, size)
+        (empty_ms, empty_rss, _), (full_ms, full_rss, full_size) = measures[0], measures[1_000_000]
+        print(f"tasks: 1,000,000 stored finished tasks: RSS {full_rss / 1024:.0f} MiB (empty "
+              f"{empty_rss / 1024:.0f} MiB; goal <= 100), start to first reply {full_ms:.0f} ms "
+              f"vs {empty_ms:.0f} ms empty ({full_ms / empty_ms:.2f}x; goal <= 1.5x), state dir "
+              f"{full_size / 1_000_000:.0f} bytes per task (goal <= 2048)")
+        # 5. The monitor while 10,000 task changes a second are written.
+        shutil.rmtree(state, ignore_errors=True)
+        path = os.path.join(workdir, "busy-tasks.sock")
+        with running([*qmpjobd_argv([path]), "--state-dir", state], path):
+            samples = monitor_under_changes(path)
+        p99 = statistics.quantiles(samples, n=100)[98]
+        print(f"tasks: query-jobs while 10,000 task changes/s are written: p50 "
+              f"{statistics.median(samples):.2f} ms, p99 {p99:.2f} ms, max {max(samples):.2f} ms "
+              f"over {len(samples)} (goal p99 < 20 ms)")
+
+
+def monitor_under_changes(path: str, rate: int = 10_000, seconds: float = 5.0) -> list[float]:
+    """query-jobs round trips from one client while another sends RATE task-set-progress a
+    second (paced, 64 in flight, over 100 tasks)."""
+    import threading
+
+    writer = Client(path)
+    uuids = []
+    for i in range(100):
+        writer.sock.sendall(b'{"execute": "task-create", "arguments": {"name-label": "w%d"}}\n'
+                            % i)
+        uuids.append(orjson.loads(writer.read_line())["return"]["uuid"].encode())
+    done = threading.Event()
+    written = [0]
+
+    def write() -> None:
+        start = time.perf_counter()
+        in_flight = 0
+        n = 0
+        while not done.is_set():
+            due = int((time.perf_counter() - start) * rate)
+            while n < due and in_flight < 64:
+                writer.sock.sendall(b'{"execute": "task-set-progress", "arguments": {"uuid": '
+                                    b'"%s", "progress": 0.5}}\n' % uuids[n % 100])
+                n += 1
+                in_flight += 1
+            if in_flight:
+                writer.read_line()
+                in_flight -= 1
+            else:
+                time.sleep(0.0002)
+        for _ in range(in_flight):
+            writer.read_line()
+        written[0] = n
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    reader = Client(path)
+    samples = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        samples += query_ms(reader, QUERY, 50)
+    done.set()
+    thread.join()
+    print(f"  (the writer sent {written[0] / seconds:.0f} changes/s)")
+    reader.close()
+    writer.close()
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("what", choices=["protocol", "scale", "schema", "copy", "sparse", "busy"])
+    parser.add_argument("what", choices=["protocol", "scale", "schema", "copy", "sparse", "busy",
+                                         "tasks"])
     parser.add_argument("--runs", type=int, default=10, help="for schema: runs per figure")
     parser.add_argument("--dir", help="for copy, sparse, busy: where the image files go "
                         "(default: a fresh directory under /var/tmp, removed at the end)")
@@ -676,6 +907,8 @@ def main() -> None:
         bench_copy(args.dir)
     elif args.what == "sparse":
         bench_sparse(args.dir)
+    elif args.what == "tasks":
+        bench_tasks(args.dir)
     else:
         bench_busy(args.dir)
 
