@@ -91,8 +91,8 @@ def _no_send(event: Event) -> None:
 class Context:
     """A handler's view: the calling session and the daemon, and the connection's own state:
     its peer (uid, pid; None for stdio), its watch of the task feed, how to send it an event,
-    what to do once the reply it is serving has been sent, and the task change that reply must
-    wait for (committed; 0: none)."""
+    what to do once the reply it is serving has been sent, and the task feed's batch that reply
+    must wait for (committed; 0: none)."""
 
     session: Session
     daemon: Daemon

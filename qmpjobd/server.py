@@ -112,8 +112,8 @@ class Connection:
             send_event=self.send_event,
         )
         self._gate = server.daemon.gate
-        # Replies that wait for their task change's commit, and what follows them: (the change
-        # to wait for, or 0; the bytes), sent in order by a task while not empty.
+        # Replies that wait for their task change's commit, and what follows them: (the feed's
+        # batch to wait for, or 0; the bytes), sent in order by a task while not empty.
         self._feed = server.daemon.tasks.feed
         self._after_commit: collections.deque[tuple[int, bytes]] = collections.deque()
         self._flushing = False
@@ -147,13 +147,13 @@ class Connection:
             return
         self._transmit(data)
 
-    def send_after_commit(self, seq: int, data: bytes) -> None:
-        """Send DATA (a reply) once the task change SEQ is committed; what the connection
-        sends meanwhile follows it."""
-        if not self._after_commit and seq <= self._feed.committed_seq:
+    def send_after_commit(self, ticket: int, data: bytes) -> None:
+        """Send DATA (a reply) once the task feed's batch TICKET is committed; what the
+        connection sends meanwhile follows it."""
+        if not self._after_commit and ticket <= self._feed.committed_batch:
             self._transmit(data)
             return
-        self._after_commit.append((seq, data))
+        self._after_commit.append((ticket, data))
         if not self._flushing:
             self._flushing = True
             self._nursery.start_soon(self._flush_after_commit)
@@ -161,9 +161,9 @@ class Connection:
     async def _flush_after_commit(self) -> None:
         queue = self._after_commit
         while queue:
-            seq, data = queue[0]
-            if seq > self._feed.committed_seq:
-                await self._feed.wait_committed(seq)
+            ticket, data = queue[0]
+            if ticket > self._feed.committed_batch:
+                await self._feed.wait_committed(ticket)
                 continue
             queue.popleft()
             self._transmit(data)

@@ -424,10 +424,8 @@ def test_the_oldest_finished_tasks_expire_beyond_max_tasks(tmp_path: Path) -> No
 
 def test_changes_older_than_those_kept_are_refused(tmp_path: Path) -> None:
     with start_qmpjobd(tmp_path, "--task-changes-kept", "5") as d, d.connect() as conn:
-        uuid = create(conn)
-        for step in range(9):
-            ok(conn, "task-set-progress", uuid=uuid, progress=step / 10)
-        last = task(conn, uuid)["seq"]
+        uuids = [create(conn, f"t{i}") for i in range(10)]
+        last = task(conn, uuids[-1])["seq"]
         assert last == 10
         expected = ("The changes after 0 are no longer kept (the oldest kept follows 5): list "
                     "the tasks again (query-tasks)")
@@ -484,3 +482,21 @@ def test_a_watcher_resumes_across_a_restart(tmp_path: Path) -> None:
             c = create(writer, "c")
             live = next_change(watcher)
             assert (live["uuid"], live["seq"], live["change"]) == (c, start + 1, "add")
+
+
+def test_a_clients_progress_is_stored_at_once_announced_coalesced_last_value_sent(
+    daemon: DaemonProcess,
+) -> None:
+    with daemon.connect() as watcher, daemon.connect() as writer:
+        ok(watcher, "task-watch")
+        uuid = create(writer)
+        assert next_change(watcher)["change"] == "add"
+        for step in range(1, 51):
+            ok(writer, "task-set-progress", uuid=uuid, progress=step / 50)
+        assert task(writer, uuid)["progress"] == 1.0  # the stored record is current
+        announced = []
+        while not announced or announced[-1] != 1.0:
+            announced.append(next_change(watcher)["task"]["progress"])
+        # Far fewer changes than updates (at most one per task per 100 ms), the last value
+        # among them.
+        assert len(announced) < 10, announced

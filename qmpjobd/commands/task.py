@@ -24,7 +24,7 @@ from ..tasks.service import QUERY_LIMIT, TaskWatch
 
 def _after_commit(ctx: Context) -> None:
     """Send this command's reply once every change made so far is committed."""
-    ctx.reply_after = ctx.tasks.feed.last_seq
+    ctx.reply_after = ctx.tasks.feed.ticket
 
 
 @handler("query-tasks")

@@ -1,8 +1,10 @@
 """The change log: sequence numbers, group commit, and TASK_CHANGE after each commit.
 
 Every change to a task gets the next sequence number at once (`record`) and joins the batch the
-writer task commits next; the writer commits batch after batch in a worker thread, so that
-many clients' changes share a transaction while the previous one is being written. A change a
+writer task commits next (a progress update may also be stored without a change of the feed,
+`store_quietly`, when a later change will announce it); the writer commits batch after batch in
+a worker thread, so that many clients' changes share a transaction while the previous one is
+being written. A change a
 command made is committed as soon as the writer is free (the command's reply waits for it:
 `sync`); the changes jobs make wait at most `JOB_DELAY`. After a commit each change goes out as
 a TASK_CHANGE event: nothing a client sees was not committed, so a sequence number a client has
@@ -47,6 +49,11 @@ class TaskFeed:
         self.floor = loaded.floor
         self.finished_count = loaded.finished
         self._batch: list[Change] = []
+        # Batches are numbered as the writer takes them: a reply waits for the number of the
+        # batch that holds its change (its ticket) to be committed.
+        self.committed_batch = 0
+        self._taken_batch = 0
+        self._last_ticket = 0
         self._urgent = False
         self._wake = trio.Event()
         self._committed = trio.Event()
@@ -68,7 +75,7 @@ class TaskFeed:
         seq = self.last_seq
         if record is not None:
             record["seq"] = seq
-        self._batch.append(Change(seq, kind, uuid, record, finished_delta))
+        self._add(Change(seq, kind, uuid, record, finished_delta))
         self.finished_count += finished_delta
         if hold_output and self._gate is not None:
             self._gate.hold()
@@ -81,13 +88,30 @@ class TaskFeed:
             self._wake.set()
         return seq
 
+    def store_quietly(self, uuid: str, record: dict[str, Any]) -> None:
+        """Store RECORD as it is now without a change of the feed (no new sequence number, no
+        TASK_CHANGE): a progress update that a later change will announce (coalescing)."""
+        self._add(Change(record["seq"], "rec", uuid, record))
+        self._urgent = True
+        self._wake.set()
+
+    def _add(self, change: Change) -> None:
+        self._batch.append(change)
+        self._last_ticket = self._taken_batch + 1
+
+    @property
+    def ticket(self) -> int:
+        """The batch that holds the last change recorded: once it is committed, so is
+        everything recorded so far."""
+        return self._last_ticket
+
     async def sync(self) -> None:
         """Wait until every change recorded so far is committed."""
-        await self.wait_committed(self.last_seq)
+        await self.wait_committed(self._last_ticket)
 
-    async def wait_committed(self, seq: int) -> None:
-        """Wait until the change SEQ (and every one before it) is committed."""
-        while self.committed_seq < seq:
+    async def wait_committed(self, ticket: int) -> None:
+        """Wait until the batch TICKET (and every one before it) is committed."""
+        while self.committed_batch < ticket:
             self._urgent = True
             self._wake.set()
             await self._committed.wait()
@@ -105,13 +129,20 @@ class TaskFeed:
                         await self._wake.wait()
                         self._wake = trio.Event()
             batch, self._batch = self._batch, []
+            self._taken_batch += 1
+            number = self._taken_batch
             self._urgent = False
             await self._commit(batch)
-            self.committed_seq = batch[-1].seq
+            self.committed_batch = number
+            self.committed_seq = max(
+                [self.committed_seq, *(c.seq for c in batch if c.kind != "rec")]
+            )
             # As the store has just dropped the changes too old to keep.
             self.floor = max(self.floor, self.committed_seq - self.store.changes_kept)
             self._release_gate()
             for change in batch:
+                if change.kind == "rec":
+                    continue
                 data: dict[str, Any] = {"seq": change.seq, "change": change.kind,
                                         "uuid": change.uuid}
                 if change.record is not None:

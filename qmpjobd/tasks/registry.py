@@ -243,7 +243,15 @@ class TaskRegistry:
             raise TaskError("Parameter 'progress' expects a number from 0 to 1")
         task = await self._client_task(uuid, "progress", "set-progress")
         task.progress = float(progress)
-        self.changed(task)
+        now = self.clock()
+        if now - self._last_progress.get(uuid, 0.0) >= PROGRESS_INTERVAL:
+            self._last_progress[uuid] = now
+            self.changed(task)
+        else:
+            # Coalesced: stored now, announced by the next change (flush_progress sends it
+            # within PROGRESS_INTERVAL).
+            self.feed.store_quietly(uuid, task.info(self.resident_on))
+            self._progressed.add(uuid)
 
     async def set_result(self, uuid: str, result: object, result_type: str | None) -> None:
         task = await self._client_task(uuid, "result", "set-result")

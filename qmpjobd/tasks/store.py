@@ -78,9 +78,10 @@ VERSION: Final = max(_MIGRATIONS)
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One change to commit: SEQ, its KIND (add, mod, del), the task's UUID and its record
-    (None for del). FINISHED_DELTA: +1 when the change finishes the task, -1 when it removes a
-    finished one (the count retention works with)."""
+    """One change to commit: SEQ, its KIND (add, mod, del; or rec: the record stored, not a
+    change of the log), the task's UUID and its record (None for del). FINISHED_DELTA: +1 when
+    the change finishes the task, -1 when it removes a finished one (the count retention works
+    with)."""
 
     seq: int
     kind: str
@@ -211,16 +212,20 @@ class TaskStore:
         deletes: list[tuple[str]] = []
         logged: list[tuple[str, int, str]] = []
         for change in changes:
+            record = change.record
+            if change.kind == "rec":  # the record only, not a change of the log
+                assert record is not None
+                upserts.append(_row(record))
+                continue
             last = max(last, change.seq)
             finished += change.finished_delta
             logged.append((change.uuid, change.seq, change.kind))
-            record = change.record
             if record is None:
                 deletes.append((change.uuid,))
                 upserts = [u for u in upserts if u[0] != change.uuid]
                 continue
             upserts.append(_row(record))
-        if not logged:
+        if not logged and not upserts:
             return
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -240,11 +245,14 @@ class TaskStore:
                 "ON CONFLICT (uuid) DO UPDATE SET seq = excluded.seq, change = excluded.change",
                 logged,
             )
-            floor = max(0, last - self.changes_kept)
-            db.execute("DELETE FROM changes WHERE seq <= ?", (floor,))
-            db.execute("UPDATE meta SET value = max(value, ?) WHERE key = 'last_seq'", (last,))
-            db.execute("UPDATE meta SET value = max(value, ?) WHERE key = 'floor'", (floor,))
-            db.execute("UPDATE meta SET value = value + ? WHERE key = 'finished'", (finished,))
+            if logged:
+                floor = max(0, last - self.changes_kept)
+                db.execute("DELETE FROM changes WHERE seq <= ?", (floor,))
+                db.execute("UPDATE meta SET value = max(value, ?) WHERE key = 'last_seq'",
+                           (last,))
+                db.execute("UPDATE meta SET value = max(value, ?) WHERE key = 'floor'", (floor,))
+                db.execute("UPDATE meta SET value = value + ? WHERE key = 'finished'",
+                           (finished,))
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
