@@ -500,3 +500,16 @@ def test_a_clients_progress_is_stored_at_once_announced_coalesced_last_value_sen
         # Far fewer changes than updates (at most one per task per 100 ms), the last value
         # among them.
         assert len(announced) < 10, announced
+
+
+def test_task_cancel_of_a_jobs_task_is_job_cancel_with_its_errors(conn: QmpConnection) -> None:
+    nodes(conn, "src", "dst")
+    ok(conn, "blockdev-backup", job_id="j", device="src", target="dst", sync="full",
+       auto_dismiss=False)
+    wait_job(conn, "j", "concluded")
+    (record,) = ok(conn, "query-tasks", job_id="j")
+    # What job-cancel says of a concluded job, word for word.
+    assert error(conn, "task-cancel", uuid=record["uuid"]) == error(conn, "job-cancel", id="j")
+    ok(conn, "job-dismiss", id="j")
+    assert error(conn, "task-cancel", uuid=record["uuid"]) == (
+        f"Task '{record['uuid']}' in status 'success' cannot accept operation 'cancel'")
