@@ -15,6 +15,7 @@ from .status import JobStatus
 
 # (A module constant: looking an enum member up on its class costs more than comparing it.)
 _NULL = JobStatus.NULL
+_PURGE_MIN = 64
 # QEMU's well-formed ids: a letter, then letters, digits, '-', '.' and '_'.
 _WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
@@ -25,6 +26,7 @@ class JobManager:
         # Where the jobs made for this registry report their events (the event bus).
         self.emit = emit
         self.max_jobs = max_jobs  # limits.py
+        self._purge_at = _PURGE_MIN
         # Where jobs run: the server opens it before it serves anyone.
         self._nursery: trio.Nursery | None = None
 
@@ -47,25 +49,32 @@ class JobManager:
     def check_new_id(self, job_id: str) -> None:
         if not _WELL_FORMED.match(job_id):
             raise JobError(f"Invalid job ID '{job_id}'")
-        if job_id in self._live():
+        if self.get(job_id) is not None:
             raise JobError(f"Job ID '{job_id}' already in use")
-        if len(self._jobs) >= self.max_jobs:
+        # (Counting costs a pass over the jobs only near the limit.)
+        if len(self._jobs) >= self.max_jobs and len(self._live()) >= self.max_jobs:
             raise JobError(
                 f"Too many jobs: the daemon holds at most {self.max_jobs}; dismiss some first"
             )
 
     def add(self, job: Job) -> None:
         self.check_new_id(job.id)
+        self._jobs.pop(job.id, None)  # a dismissed job of that id: the new one is the newest
         self._jobs[job.id] = job
+        if len(self._jobs) >= self._purge_at:
+            # Let go of dismissed jobs now and then (each pass is paid for by as many adds).
+            self._purge_at = max(_PURGE_MIN, 2 * len(self._live()))
 
     def find(self, job_id: str) -> Job:
-        job = self._live().get(job_id)
+        job = self.get(job_id)
         if job is None:
             raise JobError("Job not found")
         return job
 
     def get(self, job_id: str) -> Job | None:
-        return self._live().get(job_id)
+        """The job JOB_ID, if it exists (not dismissed). O(1): lookups happen per event."""
+        job = self._jobs.get(job_id)
+        return None if job is None or job.status == _NULL else job
 
     def jobs(self) -> list[Job]:
         """Newest first."""

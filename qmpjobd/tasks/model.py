@@ -10,6 +10,7 @@ the wire. `allowed-operations` is derived from the state, so the rendering is co
 from __future__ import annotations
 
 import datetime
+import functools
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -41,12 +42,15 @@ DEFAULT_TYPE: Final = "task"
 _NO_RESULT: Final = object()
 
 
+@functools.lru_cache(maxsize=4096)
 def timestamp(seconds: float) -> str:
-    """SECONDS since the epoch as ISO 8601 UTC with microseconds and a Z."""
+    """SECONDS since the epoch as ISO 8601 UTC with microseconds and a Z. (Cached: a record is
+    rendered at each of its changes, its times each time.)"""
     moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_timestamp(text: str) -> float:
     """An ISO 8601 time (a Z or an offset; without one, UTC) as seconds since the epoch;
     ValueError if it is none."""
