@@ -1,0 +1,152 @@
+"""The qcow2 header parser against images qemu-img makes, and against damaged headers.
+
+qemu-img is the oracle: what `qemu-img info --output=json` says of an image, the parsed header
+must say too; what qemu-img refuses to open, the parser refuses, in the same words where
+qemu-img has some.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpjobd.block.drivers.qcow2.header import Header, Qcow2Error, parse_header
+from tests.conftest import missing
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _qemu_img() -> None:
+    if shutil.which("qemu-img") is None:
+        missing("qemu-img is not installed (apt-get install qemu-utils)")
+
+
+def qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def info(path: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(qemu_img("info", "--output=json", str(path)))
+    return result
+
+
+def parsed(path: Path) -> Header:
+    data = path.read_bytes()
+    return parse_header(data[:2 * MiB], len(data))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "compat=0.10",
+        "compat=1.1",
+        "cluster_size=512",
+        "cluster_size=2M",
+        "cluster_size=4096,lazy_refcounts=on",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "preallocation=metadata,cluster_size=16384",
+    ],
+)
+def test_images_qemu_img_makes(tmp_path: Path, options: str) -> None:
+    image = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", options, str(image), "64M")
+    header, theirs = parsed(image), info(image)
+    specific = theirs["format-specific"]["data"]
+    assert header.size == theirs["virtual-size"] == 64 * MiB
+    assert header.cluster_size == theirs["cluster-size"]
+    assert {2: "0.10", 3: "1.1"}[header.version] == specific["compat"]
+    assert header.refcount_bits == specific["refcount-bits"]
+    assert header.lazy_refcounts == specific.get("lazy-refcounts", False)
+    assert header.corrupt == specific.get("corrupt", False)
+    assert header.dirty == theirs.get("dirty-flag", False)
+    assert header.backing_file is None and header.backing_format is None
+
+
+def test_a_backing_file_and_its_format(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    qemu_img("create", "-f", "raw", str(base), "1M")
+    image = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(image), "2M")
+    header, theirs = parsed(image), info(image)
+    assert header.backing_file == theirs["backing-filename"] == "base.raw"
+    assert header.backing_format == theirs["backing-filename-format"] == "raw"
+
+
+def damaged(tmp_path: Path, offset: int, value: bytes, options: str = "compat=1.1") -> Path:
+    image = tmp_path / "d.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", options, str(image), "1M")
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "message"),
+    [
+        (0, b"QFI\xfa", "Image is not in qcow2 format"),
+        (4, struct.pack(">I", 4), "Unsupported qcow2 version 4"),
+        (4, struct.pack(">I", 1), "Unsupported qcow2 version 1"),
+        (20, struct.pack(">I", 8), "Unsupported cluster size: 2^8"),
+        (20, struct.pack(">I", 22), "Unsupported cluster size: 2^22"),
+        (72, struct.pack(">Q", 1 << 40), "Unsupported qcow2 feature(s): Unknown incompatible "
+         "feature: 28"),
+    ],
+)
+def test_what_qemu_img_refuses_the_parser_refuses(
+    tmp_path: Path, offset: int, value: bytes, message: str
+) -> None:
+    image = damaged(tmp_path, offset, value)
+    before = image.read_bytes()
+    with pytest.raises(Qcow2Error) as refused:
+        parsed(image)
+    assert str(refused.value) == message
+    qemu = subprocess.run(["qemu-img", "info", "-f", "qcow2", str(image)], capture_output=True,
+                          text=True)
+    assert qemu.returncode != 0 and message.split(":")[0] in qemu.stderr
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "message"),
+    [
+        (32, struct.pack(">I", 2), "qcow2 encryption is not supported by qmpjobd"),
+        (72, struct.pack(">Q", 1 << 2), "qcow2 external data files are not supported by qmpjobd"),
+        (72, struct.pack(">Q", 1 << 4), "qcow2 extended L2 entries are not supported by qmpjobd"),
+        (36, struct.pack(">I", 1 << 30), "Active L1 table too large"),
+        (40, struct.pack(">Q", 12345), "L1 table offset invalid"),
+        (40, struct.pack(">Q", 1 << 40), "Active L1 table lies past the end of the image file"),
+        (48, struct.pack(">Q", 1 << 40),
+         "Reference count table lies past the end of the image file"),
+        (96, struct.pack(">I", 7), "Reference count entry width too large; may not exceed 64 "
+         "bits"),
+        (100, struct.pack(">I", 100), "qcow2 header too short"),
+        (100, struct.pack(">I", 108), "qcow2 header length is not a multiple of 8"),
+    ],
+)
+def test_damage_and_what_is_not_supported_are_clear_errors(
+    tmp_path: Path, offset: int, value: bytes, message: str
+) -> None:
+    image = damaged(tmp_path, offset, value)
+    before = image.read_bytes()
+    with pytest.raises(Qcow2Error) as refused:
+        parsed(image)
+    assert str(refused.value) == message
+    assert image.read_bytes() == before
+
+
+def test_a_truncated_file(tmp_path: Path) -> None:
+    image = damaged(tmp_path, 0, b"QFI\xfb")
+    data = image.read_bytes()
+    for length in (0, 4, 71, 100):
+        with pytest.raises(Qcow2Error):
+            parse_header(data[:length], length)
