@@ -1,8 +1,9 @@
-"""The qcow2 reader (header, cluster map, reads) against images qemu-img and qemu-io make,
+"""The qcow2 reader (header, cluster map, reads) against images qemu-img and qemu-io make, and
+against damaged headers.
 
 qemu-img is the oracle: what `qemu-img info --output=json` says of an image, the parsed header
 must say too; what qemu-img refuses to open, the parser refuses, in the same words where
-qemu-img has some.
+qemu-img has some; what `qemu-img convert -O raw` reads, the reader reads.
 """
 
 from __future__ import annotations
