@@ -215,3 +215,43 @@ def test_reads_fall_through_to_the_backing_file(tmp_path: Path) -> None:
     qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(image), "4M")
     qemu_io(image, "write -P 0x11 1M 4k", "write -z 2M 64k")
     assert read_all(image, base) == as_raw(tmp_path, image)
+
+
+def our_map(image: Path) -> list[dict[str, Any]]:
+    """The image's allocation as `qemu-img map --output=json` writes it (one layer)."""
+    from qmpjobd.block.drivers.qcow2.image import Kind, Qcow2Image
+
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        reader = Qcow2Image(fd)
+        entries: list[dict[str, Any]] = []
+        offset = 0
+        while offset < reader.size:
+            length, kind, host = reader.status(offset, reader.size - offset)
+            entry: dict[str, Any] = {
+                "start": offset, "length": length, "depth": 0,
+                "present": kind is not Kind.UNALLOCATED,
+                "zero": kind in (Kind.ZERO, Kind.UNALLOCATED),
+                "data": kind in (Kind.NORMAL, Kind.COMPRESSED),
+            }
+            if host is not None:
+                entry["offset"] = host
+            entries.append(entry)
+            offset += length
+        return entries
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_allocation_equals_qemu_img_map(tmp_path: Path, compress: bool) -> None:
+    image = tmp_path / "m.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", str(image), "4M")
+    qemu_io(image, "write -P 1 0 64k", "write -P 2 128k 128k", "write -z 1M 64k",
+            "write -P 3 2M 4k", "write -P 4 3M 192k")
+    if compress:
+        packed = tmp_path / "c.qcow2"
+        qemu_img("convert", "-c", "-O", "qcow2", str(image), str(packed))
+        image = packed
+    theirs = json.loads(qemu_img("map", "--output=json", str(image)))
+    assert our_map(image) == theirs

@@ -15,6 +15,8 @@ from typing import Final
 from .header import Header, Qcow2Error, parse_header
 from .tables import Kind, Tables
 
+__all__ = ["BackingRead", "Kind", "Qcow2Image"]
+
 # How much of the file the header may take: a cluster of the largest size.
 _HEADER_READ: Final = 2 << 20
 
@@ -62,6 +64,24 @@ class Qcow2Image:
             found = self.backing(position, n_inside)
             data = bytes(n_inside) if found is None else found
         return data + bytes(n - n_inside)
+
+    def status(self, offset: int, length: int) -> tuple[int, Kind, int | None]:
+        """The first run of [OFFSET, OFFSET+LENGTH) that this layer maps alike: (its length,
+        its kind, the host offset of its start for normal clusters that follow each other in
+        the file, else None)."""
+        cluster = self.header.cluster_size
+        end = min(offset + length, self.size)
+        first = self.tables.lookup(offset)
+        host = first.host + offset % cluster if first.kind is Kind.NORMAL else None
+        position = offset - offset % cluster + cluster
+        while position < end:
+            mapping = self.tables.lookup(position)
+            if mapping.kind is not first.kind:
+                break
+            if host is not None and mapping.host != host + (position - offset):
+                break
+            position += cluster
+        return min(position, end) - offset, first.kind, host
 
     def _decompress(self, host: int, length: int) -> bytes:
         cluster = self.header.cluster_size
