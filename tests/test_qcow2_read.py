@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -255,3 +256,52 @@ def test_allocation_equals_qemu_img_map(tmp_path: Path, compress: bool) -> None:
         image = packed
     theirs = json.loads(qemu_img("map", "--output=json", str(image)))
     assert our_map(image) == theirs
+
+
+# -- reference counts and the consistency check --------------------------------------------------
+
+
+def our_check(image: Path) -> Any:
+    from qmpjobd.block.drivers.qcow2.header import parse_header as parse
+    from qmpjobd.block.drivers.qcow2.refcount import check
+
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return check(fd, parse(os.pread(fd, 2 * MiB, 0), size), size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("options", ["refcount_bits=1", "refcount_bits=2", "refcount_bits=4",
+                                     "refcount_bits=8", "refcount_bits=16", "refcount_bits=32",
+                                     "refcount_bits=64", "cluster_size=512", "compat=0.10"])
+def test_images_qemu_img_finds_clean_are_clean(tmp_path: Path, options: str) -> None:
+    image = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", options, str(image), "8M")
+    qemu_io(image, "write -P 1 0 64k", "write -P 2 1M 300k", "write -P 3 7M 1M")
+    result = our_check(image)
+    assert (result.leaks, result.corruptions) == ([], [])
+    assert result.allocated > 0
+
+
+def test_leaks_and_corruptions_as_qemu_img_check_finds_them(tmp_path: Path) -> None:
+    image = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", str(image), "4M")
+    qemu_io(image, "write -P 1 0 64k", "write -P 2 128k 128k")
+    header = parse_header(image.read_bytes()[:MiB], image.stat().st_size)
+    end = image.stat().st_size // header.cluster_size
+    with open(image, "r+b") as f:
+        f.truncate((end + 2) * header.cluster_size)
+        f.seek(header.refcount_table_offset)
+        block = struct.unpack(">Q", f.read(8))[0]
+        f.seek(block + 2 * end)  # a cluster nobody uses, counted: a leak
+        f.write(struct.pack(">H", 1))
+        first_data = end - 3
+        f.seek(block + 2 * first_data)  # a data cluster, not counted: a corruption
+        f.write(struct.pack(">H", 0))
+    qemu = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    leaked = [int(n) for n in re.findall(r"Leaked cluster (\d+)", qemu.stdout + qemu.stderr)]
+    broken = [int(n) for n in re.findall(r"ERROR cluster (\d+)", qemu.stdout + qemu.stderr)]
+    result = our_check(image)
+    assert (result.leaks, result.corruptions) == (leaked, broken) == ([end], [first_data])
