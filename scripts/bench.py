@@ -169,22 +169,27 @@ def qmpjobd_argv(paths: list[str]) -> list[str]:
     return [sys.executable, "-m", "qmpjobd", "--log-level", "warning", "--socket", paths[0]]
 
 
+def connect_when_listening(process: subprocess.Popen[bytes], path: str) -> socket.socket:
+    """A connection to the daemon PROCESS on PATH, as soon as it listens."""
+    while True:  # a benchmark may poll: it measures, it does not assert
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            return probe
+        except OSError:
+            probe.close()
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args!r} exited with {process.returncode}") from None
+            time.sleep(0.0005)
+
+
 @contextmanager
 def running(argv: list[str], path: str, stderr: int | None = None) -> Iterator[float]:
     """Start a daemon; yield the milliseconds from exec to its greeting."""
     start = time.perf_counter()
     process = subprocess.Popen(argv, cwd=REPO, stderr=stderr)
     try:
-        while True:  # a benchmark may poll: it measures, it does not assert
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                break
-            except OSError:
-                probe.close()
-                if process.poll() is not None:
-                    raise RuntimeError(f"{argv[0]} exited with {process.returncode}") from None
-                time.sleep(0.0005)
+        probe = connect_when_listening(process, path)
         probe.recv(4096)  # the greeting
         startup = (time.perf_counter() - start) * 1e3
         probe.close()
@@ -704,16 +709,7 @@ def first_reply_ms(argv: list[str], path: str) -> tuple[float, subprocess.Popen[
     """Exec to the reply to qmp_capabilities (the daemon has opened its state by then)."""
     start = time.perf_counter()
     process = subprocess.Popen(argv, cwd=REPO)
-    while True:  # a benchmark may poll
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            break
-        except OSError:
-            probe.close()
-            if process.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited with {process.returncode}") from None
-            time.sleep(0.0005)
+    probe = connect_when_listening(process, path)
     client = Client.__new__(Client)
     client.sock, client.buffer = probe, b""
     client.read_line()

@@ -7,6 +7,7 @@ next commands need not wait for that.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..context import Context, handler
@@ -25,6 +26,12 @@ from ..tasks.service import QUERY_LIMIT, TaskWatch
 def _after_commit(ctx: Context) -> None:
     """Send this command's reply once every change made so far is committed."""
     ctx.reply_after = ctx.tasks.feed.ticket
+
+
+async def _edit(ctx: Context, uuid: str, change: Callable[[Task], None]) -> None:
+    """Names and other-config, which any task may have changed."""
+    await ctx.tasks.registry.edit(uuid, change)
+    _after_commit(ctx)
 
 
 @handler("query-tasks")
@@ -85,8 +92,7 @@ async def task_set_name_label(ctx: Context, *, uuid: str, name_label: str) -> No
     def rename(task: Task) -> None:
         task.name_label = name_label
 
-    await ctx.tasks.registry.edit(uuid, rename)
-    _after_commit(ctx)
+    await _edit(ctx, uuid, rename)
 
 
 @handler("task-set-name-description")
@@ -96,8 +102,7 @@ async def task_set_name_description(ctx: Context, *, uuid: str, name_description
     def describe(task: Task) -> None:
         task.name_description = name_description
 
-    await ctx.tasks.registry.edit(uuid, describe)
-    _after_commit(ctx)
+    await _edit(ctx, uuid, describe)
 
 
 @handler("task-set-other-config")
@@ -107,8 +112,7 @@ async def task_set_other_config(ctx: Context, *, uuid: str, other_config: object
     def replace(task: Task) -> None:
         task.other_config = config
 
-    await ctx.tasks.registry.edit(uuid, replace)
-    _after_commit(ctx)
+    await _edit(ctx, uuid, replace)
 
 
 @handler("task-add-to-other-config")
@@ -116,8 +120,7 @@ async def task_add_to_other_config(ctx: Context, *, uuid: str, key: str, value: 
     def add(task: Task) -> None:
         task.other_config = check_other_config({**task.other_config, key: value})
 
-    await ctx.tasks.registry.edit(uuid, add)
-    _after_commit(ctx)
+    await _edit(ctx, uuid, add)
 
 
 @handler("task-remove-from-other-config")
@@ -125,8 +128,7 @@ async def task_remove_from_other_config(ctx: Context, *, uuid: str, key: str) ->
     def remove(task: Task) -> None:
         task.other_config.pop(key, None)
 
-    await ctx.tasks.registry.edit(uuid, remove)
-    _after_commit(ctx)
+    await _edit(ctx, uuid, remove)
 
 
 @handler("task-cancel")
