@@ -57,7 +57,13 @@ SUBSETTED: dict[str, frozenset[str]] = {
     "blockdev-add": frozenset({"arg-type", "arg-type.members[driver].type"}),
     # BlockdevCreateOptions and BlockdevDriver
     "blockdev-create": frozenset(
-        {"arg-type.members[options].type", "arg-type.members[options].type.members[driver].type"}
+        {"arg-type.members[options].type", "arg-type.members[options].type.members[driver].type",
+         # and the qcow2 branch's references to a node and to a driver
+         *(f"arg-type.members[options].type.variants[qcow2].type.members[{member}].type{rest}"
+           for member, rest in (("backing-fmt", ""), ("file", ".members[0].type"),
+                                ("file", ".members[0].type.members[driver].type"),
+                                ("data-file", ".members[0].type"),
+                                ("data-file", ".members[0].type.members[driver].type")))}
     ),
     # TransactionAction and its tag TransactionActionKind
     "transaction": frozenset(

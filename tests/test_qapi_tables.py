@@ -106,8 +106,10 @@ def test_block_drivers_and_actions_are_a_subset(schema: Schema) -> None:
     raw = {"driver": "raw", "node-name": "r", "offset": 512,
            "file": {"driver": "file", "filename": "/x", "aio": "io_uring", "drop-cache": False}}
     assert add.check_arguments(raw) == raw
-    with pytest.raises(ArgumentError, match="'driver' does not accept value 'qcow2'"):
-        add.check_arguments({"driver": "qcow2", "node-name": "q", "file": "r"})
+    with pytest.raises(ArgumentError, match="'driver' does not accept value 'qed'"):
+        add.check_arguments({"driver": "qed", "node-name": "q", "file": "r"})
+    qcow2 = {"driver": "qcow2", "node-name": "q", "file": "r", "backing": None}
+    assert add.check_arguments(qcow2) == qcow2
     create = commands["blockdev-create"]
     options = {"driver": "file", "filename": "/x", "size": 1, "preallocation": "falloc"}
     assert create.check_arguments({"job-id": "j", "options": options}) == {
