@@ -165,17 +165,28 @@ def qemu_io(image: Path, *commands: str) -> None:
     subprocess.run([*argv, str(image)], check=True, capture_output=True)
 
 
+class RawFile:
+    """A raw backing file, as the image reads it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        return data + bytes(length - len(data))
+
+    def reads_zero(self, offset: int, length: int) -> bool:
+        return not any(self.read(offset, length))
+
+
 def read_all(image: Path, backing: Path | None = None) -> bytes:
+    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
     from qmpjobd.block.drivers.qcow2.image import Qcow2Image
 
     fd = os.open(image, os.O_RDONLY)
     base_fd = os.open(backing, os.O_RDONLY) if backing is not None else -1
     try:
-        def from_base(offset: int, length: int) -> bytes:
-            data = os.pread(base_fd, length, offset)
-            return data + bytes(length - len(data))
-
-        reader = Qcow2Image(fd, from_base if backing is not None else None)
+        reader = Qcow2Image(HostFile(fd), backing=RawFile(base_fd) if backing else None)
         return reader.read(0, reader.size)
     finally:
         os.close(fd)
@@ -220,11 +231,12 @@ def test_reads_fall_through_to_the_backing_file(tmp_path: Path) -> None:
 
 def our_map(image: Path) -> list[dict[str, Any]]:
     """The image's allocation as `qemu-img map --output=json` writes it (one layer)."""
+    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
     from qmpjobd.block.drivers.qcow2.image import Kind, Qcow2Image
 
     fd = os.open(image, os.O_RDONLY)
     try:
-        reader = Qcow2Image(fd)
+        reader = Qcow2Image(HostFile(fd))
         entries: list[dict[str, Any]] = []
         offset = 0
         while offset < reader.size:
@@ -263,12 +275,13 @@ def test_allocation_equals_qemu_img_map(tmp_path: Path, compress: bool) -> None:
 
 def our_check(image: Path) -> Any:
     from qmpjobd.block.drivers.qcow2.header import parse_header as parse
+    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
     from qmpjobd.block.drivers.qcow2.refcount import check
 
     fd = os.open(image, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        return check(fd, parse(os.pread(fd, 2 * MiB, 0), size), size)
+        file = HostFile(fd)
+        return check(file, parse(file.pread(0, 2 * MiB), file.size))
     finally:
         os.close(fd)
 

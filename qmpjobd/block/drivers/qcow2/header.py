@@ -47,6 +47,16 @@ EXT_BITMAPS: Final = 0x23852875
 EXT_ENCRYPTION: Final = 0x0537BE77
 EXT_DATA_FILE: Final = 0x44415441
 
+# The feature name table QEMU writes into version 3 headers of clusters over 4 KiB: (type,
+# bit, name) of every feature it knows.
+FEATURE_TABLE: Final = b"".join(
+    struct.pack(">BB46s", kind, bit, name) for kind, bit, name in (
+        (0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external data file"),
+        (0, 3, b"compression type"), (0, 4, b"extended L2 entries"), (1, 0, b"lazy refcounts"),
+        (2, 0, b"bitmaps"), (2, 1, b"raw external data"),
+    )
+)
+
 _V2: Final = struct.Struct(">4sIQIIQIIQQIIQ")
 _V3: Final = struct.Struct(">QQQII")
 

@@ -1,21 +1,24 @@
-"""Where a guest cluster of a qcow2 image lives: the L1 table, L2 tables (cached), and what each
-entry means (docs/interop/qcow2.txt, "Cluster mapping").
+"""Where a guest cluster of a qcow2 image lives: the L1 table, the L2 tables (cached), and what
+each entry means (docs/interop/qcow2.txt, "Cluster mapping").
 
-Everything here blocks (it reads the image file): a worker thread's job. Nothing is written.
-An entry that points where it cannot (unaligned, past the end of the file) is reported as
-damage, naming what is wrong; the file is left as it is.
+Tables are changed in memory and marked dirty; writing them out, in the order that keeps the
+image consistent, is the image's business (image.py's flush). Everything here that reads the
+file blocks: a worker thread's job. An entry that points where it cannot (unaligned, past the
+end of the file) is reported as damage, naming what is wrong; the file is left as it is.
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import struct
+import sys
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
 from .header import Header, Qcow2Error
+from .hostfile import HostFile
 
 # The bits of an L1 or standard L2 entry that hold a host offset.
 OFFSET_MASK: Final = 0x00FFFFFFFFFFFE00
@@ -24,6 +27,24 @@ COMPRESSED: Final = 1 << 62
 ZERO: Final = 1 << 0
 # QEMU's default: the L2 cache covers the whole image, up to this many bytes of tables.
 L2_CACHE_MAX: Final = 32 << 20
+_SWAP: Final = sys.byteorder == "little"  # tables are big-endian on disk
+
+
+def decode(data: bytes) -> array[int]:
+    """A table's big-endian entries as native integers."""
+    table = array("Q")
+    table.frombytes(data)
+    if _SWAP:
+        table.byteswap()
+    return table
+
+
+def encode(table: array[int]) -> bytes:
+    if not _SWAP:
+        return table.tobytes()
+    swapped = array("Q", table)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 class Kind(Enum):
@@ -44,12 +65,12 @@ UNALLOCATED: Final = Mapping(Kind.UNALLOCATED)
 
 
 class Tables:
-    """The cluster map of an open image: `lookup(guest offset)`."""
+    """The cluster map of an open image: `lookup(guest offset)`, and the entries writers
+    change."""
 
-    def __init__(self, fd: int, header: Header, file_size: int) -> None:
-        self.fd = fd
+    def __init__(self, file: HostFile, header: Header) -> None:
+        self.file = file
         self.header = header
-        self.file_size = file_size
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.l2_entries = header.l2_entries
@@ -58,37 +79,92 @@ class Tables:
         self._csize_mask = (1 << (header.cluster_bits - 8)) - 1
         self._coffset_mask = (1 << self._csize_shift) - 1
         self.l1 = self._read_l1()
-        tables = max(1, min(L2_CACHE_MAX, len(self.l1) * self.cluster_size) // self.cluster_size)
-        self._cache_tables = tables
-        self._cache: collections.OrderedDict[int, tuple[int, ...]] = collections.OrderedDict()
+        self.l1_dirty: set[int] = set()
+        self.resize_cache()
+        self._cache: collections.OrderedDict[int, array[int]] = collections.OrderedDict()
+        self.l2_dirty: set[int] = set()
+        # Called before a dirty table would leave the cache: write the dirty tables out.
+        self.write_back: Callable[[], None] = lambda: None
 
-    def _read_l1(self) -> tuple[int, ...]:
+    def resize_cache(self) -> None:
+        """Room for the tables of the whole image, up to QEMU's default limit."""
+        covered = min(L2_CACHE_MAX, len(self.l1) * self.cluster_size)
+        self._cache_tables = max(1, covered // self.cluster_size)
+
+    def _read_l1(self) -> array[int]:
         header = self.header
         size = header.l1_size
         if not size:
-            return ()
-        data = os.pread(self.fd, size * 8, header.l1_table_offset)
-        if len(data) < size * 8:
+            return array("Q")
+        if header.l1_table_offset + size * 8 > self.file.size:
             raise Qcow2Error("Active L1 table lies past the end of the image file")
-        return struct.unpack(f">{size}Q", data)
+        return decode(self.file.pread(header.l1_table_offset, size * 8))
 
-    def _l2(self, offset: int) -> tuple[int, ...]:
+    def l2(self, offset: int) -> array[int]:
+        """The L2 table at host OFFSET, from the cache or the file."""
         table = self._cache.get(offset)
         if table is not None:
             self._cache.move_to_end(offset)
             return table
         if offset % self.cluster_size:
             raise Qcow2Error(f"L2 table offset {offset:#x} unaligned")
-        if offset + self.cluster_size > self.file_size:
+        if offset + self.cluster_size > self.file.size:
             raise Qcow2Error(f"L2 table at {offset:#x} lies past the end of the image file")
-        data = os.pread(self.fd, self.cluster_size, offset)
-        if len(data) < self.cluster_size:
-            raise Qcow2Error(f"L2 table at {offset:#x} lies past the end of the image file")
-        table = struct.unpack(f">{self.l2_entries}Q", data)
-        self._cache[offset] = table
-        if len(self._cache) > self._cache_tables:
-            self._cache.popitem(last=False)
+        table = decode(self.file.pread(offset, self.cluster_size))
+        self._insert(offset, table)
         return table
+
+    def _insert(self, offset: int, table: array[int]) -> None:
+        if len(self._cache) >= self._cache_tables:
+            victim = next(iter(self._cache))
+            if victim in self.l2_dirty:
+                self.write_back()
+            self._cache.pop(victim)
+        self._cache[offset] = table
+
+    def new_l2(self, offset: int, table: array[int]) -> None:
+        """A table just allocated at OFFSET (to be written out)."""
+        self._insert(offset, table)
+        self.l2_dirty.add(offset)
+
+    def set_entry(self, l2_offset: int, index: int, value: int) -> None:
+        """Change one entry of the table at L2_OFFSET. Always through here, never through a
+        table held from before: the cache may have let it go meanwhile."""
+        self.l2(l2_offset)[index] = value
+        self.l2_dirty.add(l2_offset)
+
+    def set_l1(self, index: int, value: int) -> None:
+        self.l1[index] = value
+        self.l1_dirty.add(index)
+
+    def drop(self, offset: int) -> None:
+        """Forget the table at OFFSET (its cluster is freed)."""
+        self._cache.pop(offset, None)
+        self.l2_dirty.discard(offset)
+
+    def dirty_tables(self) -> list[tuple[int, bytes]]:
+        """The dirty L2 tables as they go to disk, in file order; they are clean afterwards."""
+        out = [(offset, encode(self._cache[offset])) for offset in sorted(self.l2_dirty)]
+        self.l2_dirty.clear()
+        return out
+
+    def dirty_l1_runs(self) -> list[tuple[int, bytes]]:
+        """The changed L1 entries, as runs of adjacent entries: (file offset, bytes)."""
+        runs: list[tuple[int, bytes]] = []
+        indexes = sorted(self.l1_dirty)
+        self.l1_dirty.clear()
+        start = 0
+        while start < len(indexes):
+            end = start + 1
+            while end < len(indexes) and indexes[end] == indexes[end - 1] + 1:
+                end += 1
+            first, last = indexes[start], indexes[end - 1]
+            runs.append((self.header.l1_table_offset + first * 8,
+                         encode(self.l1[first:last + 1])))
+            start = end
+        return runs
+
+    # -- what an entry means -----------------------------------------------------------------
 
     def lookup(self, guest: int) -> Mapping:
         """The mapping of the guest cluster that holds GUEST."""
@@ -99,12 +175,15 @@ class Tables:
         l2_offset = self.l1[l1_index] & OFFSET_MASK
         if not l2_offset:
             return UNALLOCATED
-        entry = self._l2(l2_offset)[l2_index]
+        return self.meaning(self.l2(l2_offset)[l2_index], l2_offset, l2_index)
+
+    def meaning(self, entry: int, l2_offset: int, l2_index: int) -> Mapping:
+        """What an L2 ENTRY (at L2_INDEX of the table at L2_OFFSET) maps its cluster to."""
         if entry & COMPRESSED:
             host = entry & self._coffset_mask
             sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
             length = sectors * 512 - (host & 511)
-            if host + length > self.file_size:
+            if host + length > self.file.size:
                 raise Qcow2Error(
                     f"Compressed cluster at {host:#x} lies past the end of the image file"
                 )
@@ -114,6 +193,11 @@ class Tables:
             if self.header.version < 3:
                 raise Qcow2Error(f"Zero cluster entry in a version 2 image (L2 at "
                                  f"{l2_offset:#x}, index {l2_index:#x})")
+            if host % self.cluster_size:
+                raise Qcow2Error(
+                    f"Cluster allocation offset {host:#x} unaligned (L2 offset: "
+                    f"{l2_offset:#x}, L2 index: {l2_index:#x})"
+                )
             return Mapping(Kind.ZERO, host)
         if not host:
             return UNALLOCATED
@@ -123,6 +207,6 @@ class Tables:
                 f"L2 index: {l2_index:#x})"
             )
         # (The last cluster of a file may be cut short; it must begin inside it.)
-        if host >= self.file_size:
+        if host >= self.file.size:
             raise Qcow2Error(f"Data cluster at {host:#x} lies past the end of the image file")
         return Mapping(Kind.NORMAL, host)

@@ -1,0 +1,142 @@
+"""The image file as the qcow2 driver uses it: positioned reads and writes, syncs, and copies
+into it from another host file; every write and sync can be recorded in a write log.
+
+Blocking throughout: the driver calls it from worker threads. The write log exists for one
+purpose, testing the order of writes: a crash keeps some prefix of what was written since
+the last sync, so replaying cut-off prefixes of the log onto a copy of the starting image shows
+what a crash at any moment would leave (tests/test_qcow2_crash.py). It is switched on by
+QMPJOBD_QCOW2_WRITE_LOG (docs/qcow2.md) and never in normal use.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from typing import BinaryIO, Final
+
+# A log record: its kind, the offset and the length of the data that follows (a write), or
+# nothing more (a sync).
+_RECORD: Final = struct.Struct(">cQQ")
+WRITE: Final = b"W"
+SYNC: Final = b"S"
+EXTEND: Final = b"E"
+# Environment variable: a directory to write a log per image into (named after the image).
+WRITE_LOG_ENV: Final = "QMPJOBD_QCOW2_WRITE_LOG"
+
+
+class WriteLog:
+    """An append-only record of the writes and syncs issued to one image file."""
+
+    def __init__(self, path: str) -> None:
+        self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 (closed by close())
+        self._lock = threading.Lock()
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        with self._lock:
+            self._file.write(_RECORD.pack(WRITE, offset, len(data)))
+            self._file.write(data)
+
+    def sync(self) -> None:
+        with self._lock:
+            self._file.write(_RECORD.pack(SYNC, 0, 0))
+            self._file.flush()
+
+    def extend(self, size: int) -> None:
+        with self._lock:
+            self._file.write(_RECORD.pack(EXTEND, size, 0))
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def read_log(path: str) -> list[tuple[bytes, int, bytes]]:
+    """The records of a write log: (WRITE, offset, data), (SYNC, 0, b"") or (EXTEND, new
+    size, b"")."""
+    records: list[tuple[bytes, int, bytes]] = []
+    with open(path, "rb") as f:
+        while head := f.read(_RECORD.size):
+            kind, offset, length = _RECORD.unpack(head)
+            records.append((kind, offset, f.read(length)))
+    return records
+
+
+def open_write_log(image_name: str) -> WriteLog | None:
+    """The write log for IMAGE_NAME if logging is switched on, else None."""
+    directory = os.environ.get(WRITE_LOG_ENV)
+    if not directory:
+        return None
+    return WriteLog(os.path.join(directory, os.path.basename(image_name) + ".log"))
+
+
+class HostFile:
+    """An open image file: FD, whose length the driver tracks as it writes."""
+
+    def __init__(self, fd: int, log: WriteLog | None = None, *, no_flush: bool = False) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.log = log
+        # cache.no-flush: the file's owner asked that syncs be skipped (QEMU's meaning).
+        self.no_flush = no_flush
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """LENGTH bytes at OFFSET; what lies past the end of the file reads as zeroes."""
+        parts = []
+        got = 0
+        while got < length:
+            part = os.pread(self.fd, length - got, offset + got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        if got < length:
+            parts.append(bytes(length - got))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if self.log is not None:
+            self.log.write(offset, view)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        self.size = max(self.size, offset + len(view))
+
+    def copy_from(self, source_fd: int, source_offset: int, offset: int, length: int) -> None:
+        """Copy LENGTH bytes at SOURCE_OFFSET of another file to OFFSET of this one, in the
+        kernel where it can (what lies past the source's end becomes zeroes)."""
+        if self.log is None:
+            copied = 0
+            try:
+                while copied < length:
+                    n = os.copy_file_range(source_fd, self.fd, length - copied,
+                                           source_offset + copied, offset + copied)
+                    if n == 0:
+                        break
+                    copied += n
+            except OSError:
+                pass  # by hand from where it stopped (another file system, no support)
+            if copied:
+                self.size = max(self.size, offset + copied)
+            source_offset, offset, length = (source_offset + copied, offset + copied,
+                                             length - copied)
+        for at in range(0, length, 1 << 20):
+            n = min(1 << 20, length - at)
+            data = os.pread(source_fd, n, source_offset + at)
+            self.pwrite(offset + at, data + bytes(n - len(data)))
+
+    def extend(self, size: int) -> None:
+        """Make the file at least SIZE bytes long (sparse)."""
+        if size <= self.size:
+            return
+        if self.log is not None:
+            self.log.extend(size)
+        os.ftruncate(self.fd, size)
+        self.size = size
+
+    def sync(self) -> None:
+        if self.log is not None:
+            self.log.sync()
+        if not self.no_flush:
+            os.fdatasync(self.fd)
