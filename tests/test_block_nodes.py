@@ -120,13 +120,13 @@ async def test_null_node() -> None:
 
 
 def test_the_registry() -> None:
-    assert sorted(DRIVERS) == ["file", "null-co", "raw"]
+    assert sorted(DRIVERS) == ["file", "null-co", "qcow2", "raw"]
     for name, entry in DRIVERS.items():
         assert entry.name == entry.node_type.driver == name
-    assert DRIVERS["file"].create is not None
+    assert DRIVERS["file"].create is not None and DRIVERS["qcow2"].create is not None
     assert DRIVERS["raw"].create is None and DRIVERS["null-co"].create is None
-    with pytest.raises(BlockError, match="Unknown driver 'qcow2'"):
-        driver("qcow2")
+    with pytest.raises(BlockError, match="Unknown driver 'qed'"):
+        driver("qed")
 
 
 def test_exit_closes_a_raw_node_over_a_file_node(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from .graph import BlockGraph
 from .jobs.backup import BackupJob, backup_job
 from .jobs.blockjob import BlockJob
 from .jobs.mirror import MirrorJob, mirror_job
-from .nodes import open_internal
+from .nodes import close_with_owned, open_internal
 
 # The formats a drive-* target may have here.
 _SUPPORTED_FORMATS = ("raw", "file")
@@ -163,9 +163,7 @@ async def close_target(graph: BlockGraph, node: Node) -> None:
     except OSError:
         pass  # QEMU closes the image whatever its flush says
     finally:
-        await node.close()
-        if node.child is not None:
-            await node.child.close()
+        await close_with_owned(node)
 
 
 def _close_when_ended(graph: BlockGraph, jobs: JobManager, job: BlockJob, target: Node) -> None:

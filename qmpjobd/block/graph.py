@@ -1,9 +1,10 @@
 """Block nodes by name: the monitor's, and those the daemon opened for itself.
 
 A job that uses a node blocks it for the operations that would disturb the job; QEMU reports
-that as "Node 'dst' is busy: block device is in use by block job: backup". The graph is flat
-for now (no driver has backing files): every node is a root, and a `raw` node's `file` child is
-not a root.
+that as "Node 'dst' is busy: block device is in use by block job: backup". A node uses its
+children (a format's `file`, a qcow2 node's backing node); those it opened itself (inline
+definitions, backing files named by an image header) are its own, registered and closed with
+it.
 Besides the nodes the monitor added (and their inline children), the graph holds the nodes the
 daemon opened for a job (drive-* targets, named '#blockNNN'): listed while their job lasts,
 never the monitor's to delete.
@@ -52,16 +53,19 @@ class BlockGraph:
             raise BlockError("Node name too long")
 
     def add(self, node: Node) -> None:
-        """Register NODE and, if it has one, its inline child; a child gains NODE as parent."""
+        """Register NODE and the nodes it owns (inline children, backing files opened from
+        its header); each child gains its parent."""
         self.check_new_name(node.name)
-        child = node.child
-        self.check_room(2 if child is not None and not child.monitor_owned else 1)
-        if child is not None:
-            if not child.monitor_owned:
-                if not child.name.startswith("#"):  # generated names are valid by making
-                    self.check_new_name(child.name)
-                self._nodes[child.name] = child
-            child.parents.append(node)
+        owned = node.owned()
+        self.check_room(1 + len(owned))
+        for below in owned:
+            if not below.name.startswith("#"):  # generated names are valid by making
+                self.check_new_name(below.name)
+        for parent in (node, *owned):
+            for child in parent.children():
+                child.parents.append(parent)
+        for below in owned:
+            self._nodes[below.name] = below
         self._nodes[node.name] = node
 
     def generated_name(self) -> str:
@@ -92,11 +96,12 @@ class BlockGraph:
         node = self.find(name)
         node.check_removable()
         del self._nodes[name]
-        child = node.child
-        if child is not None:
-            child.parents.remove(node)
-            if not child.monitor_owned:
-                del self._nodes[child.name]
+        owned = node.owned()
+        for parent in (node, *owned):
+            for child in parent.children():
+                child.parents.remove(parent)
+        for below in owned:
+            del self._nodes[below.name]
         return node
 
     def nodes(self) -> list[Node]:
@@ -105,10 +110,13 @@ class BlockGraph:
     # -- the daemon's own nodes ------------------------------------------------------------------
 
     def add_internal(self, node: Node) -> None:
-        """A node the daemon opened for itself (with its child, if it has one)."""
-        if node.child is not None:
+        """A node the daemon opened for itself (with the nodes it owns)."""
+        if node.child is not None and node.child.owner is None:
             node.child.monitor_owned = False
-            node.child.parents.append(node)
+            node.child.owner = node
+        for parent in (node, *node.owned()):
+            for child in parent.children():
+                child.parents.append(parent)
         node.monitor_owned = False
         self._internal[node] = None
 
@@ -125,8 +133,7 @@ class BlockGraph:
         for node, job in self._internal.items():
             if job is None or not job.finished:
                 found.append(node)
-                if node.child is not None:
-                    found.append(node.child)
+                found.extend(node.owned())
         return found
 
     def all_nodes(self) -> list[Node]:

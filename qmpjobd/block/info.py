@@ -1,7 +1,7 @@
 """query-named-block-nodes: what QSD 7.2 says about each node (a BlockDeviceInfo).
 
-Most members are constants for the drivers qmpjobd has (no I/O limits, write thresholds,
-encryption or backing files). The ones that are not:
+Most members are constants for the drivers qmpjobd has (no I/O limits, write thresholds or
+encryption). The ones that are not:
 
 - the file name, which QEMU rebuilds from the node's "strong" options (those that change the
   data: raw's offset and size, null-co's size and read-zeroes). A node without any reuses its
@@ -10,6 +10,8 @@ encryption or backing files). The ones that are not:
   the QDict's hash order, ", " and ": " between them);
 - options an inline child takes from its parent when it does not set them (read-only,
   cache.direct, cache.no-flush; detect-zeroes is not inherited);
+- a qcow2 node's backing file: its node's file name, and (unless `flat`) the depth of the
+  chain and each backing node's image nested in its parent's (`backing-image`);
 - the dirty bitmaps that jobs keep on their source: a backup's copy bitmap (the bytes not yet
   copied, not recording) and a mirror's dirty bitmap (recording) until the job is finalized.
 """
@@ -30,31 +32,52 @@ from .jobs.blockjob import BlockJob
 _PATH_MAX = 4096
 
 
-async def named_block_nodes(nodes: list[Node], jobs: list[Job]) -> list[dict[str, Any]]:
+async def named_block_nodes(
+    nodes: list[Node], jobs: list[Job], *, flat: bool = False
+) -> list[dict[str, Any]]:
     """A BlockDeviceInfo for each of NODES (newest first, the order QEMU lists them in).
-    JOBS are the daemon's jobs, newest first."""
-    sizes = await trio.to_thread.run_sync(_allocated_sizes, nodes)
+    JOBS are the daemon's jobs, newest first. FLAT leaves out each image's backing chain (its
+    `backing-image`s, and the depth of the chain)."""
+    sizes = await trio.to_thread.run_sync(_allocated_sizes, nodes, not flat)
     bitmaps = _job_bitmaps(jobs)
-    return [_info(node, size, bitmaps.get(node)) for node, size in zip(nodes, sizes, strict=True)]
+    return [_info(node, sizes, bitmaps.get(node), flat) for node in nodes]
 
 
-def _info(node: Node, allocated: int, bitmaps: list[dict[str, Any]] | None) -> dict[str, Any]:
-    filename = _filename(node)
+def _image(node: Node, sizes: dict[Node, int], flat: bool) -> dict[str, Any]:
     image: dict[str, Any] = {
-        "filename": filename,
+        "filename": _filename(node),
         "format": node.driver,
         "virtual-size": node.size,
-        "actual-size": allocated,
+        "actual-size": sizes[node],
         # What the driver answers to QEMU's get-info (the file driver: a dirty flag; raw
         # passes it down; null-co has nothing to say, and then there is no dirty flag at all).
         **node.format_info(),
     }
+    if not flat and node.backing is not None:
+        image["backing-image"] = _image(node.backing, sizes, flat)
+    return image
+
+
+def _depth(node: Node) -> int:
+    depth = 0
+    below = node.backing
+    while below is not None:
+        depth += 1
+        below = below.backing
+    return depth
+
+
+def _info(
+    node: Node, sizes: dict[Node, int], bitmaps: list[dict[str, Any]] | None, flat: bool
+) -> dict[str, Any]:
+    image = _image(node, sizes, flat)
+    filename = image["filename"]
     info: dict[str, Any] = {
         "file": filename,
         "node-name": node.name,
         "ro": node.read_only,  # inherited by an inline child, and after auto-read-only
         "drv": node.driver,
-        "backing_file_depth": 0,
+        "backing_file_depth": 0 if flat else _depth(node),
         "encrypted": False,
         "detect_zeroes": node.options.get("detect-zeroes", "off"),
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
@@ -67,6 +90,8 @@ def _info(node: Node, allocated: int, bitmaps: list[dict[str, Any]] | None) -> d
         },
         "write_threshold": 0,
     }
+    if node.backing is not None:
+        info["backing_file"] = _filename(node.backing)
     if bitmaps:
         info["dirty-bitmaps"] = bitmaps
     return info
@@ -76,13 +101,8 @@ def _info(node: Node, allocated: int, bitmaps: list[dict[str, Any]] | None) -> d
 
 
 def _owner(node: Node) -> Node | None:
-    """The parent that opened NODE as its inline child (given as a dict, not a reference)."""
-    if node.monitor_owned:
-        return None
-    for parent in node.parents:
-        if parent.child is node and isinstance(parent.options.get("file"), dict):
-            return parent
-    return None
+    """The parent that opened NODE as part of itself (an inline child, a backing file)."""
+    return node.owner
 
 
 def _inherited(node: Node, path: tuple[str, ...], default: object) -> object:
@@ -108,6 +128,8 @@ def _full_options(node: Node) -> dict[str, Any]:
     options.setdefault("driver", node.driver)
     if node.child is not None:
         options["file"] = _full_options(node.child)
+    if node.describes_backing():
+        options["backing"] = None if node.backing is None else _full_options(node.backing)
     return options
 
 
@@ -124,9 +146,16 @@ def _filename(node: Node) -> str:
 # -- sizes and bitmaps ------------------------------------------------------------------------
 
 
-def _allocated_sizes(nodes: Iterable[Node]) -> list[int]:
-    """Each node's allocated bytes on the host, in one worker thread (they stat files)."""
-    return [node.allocated_size() for node in nodes]
+def _allocated_sizes(nodes: Iterable[Node], chains: bool) -> dict[Node, int]:
+    """Each node's allocated bytes on the host (and, with CHAINS, those of the nodes in its
+    backing chain), in one worker thread: they stat files."""
+    sizes: dict[Node, int] = {}
+    for node in nodes:
+        below: Node | None = node
+        while below is not None and below not in sizes:
+            sizes[below] = below.allocated_size()
+            below = below.backing if chains else None
+    return sizes
 
 
 def _job_bitmaps(jobs: list[Job]) -> dict[Node, list[dict[str, Any]]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from .drivers.base import Node
+from .drivers.base import Node, Opener
 from .drivers.registry import driver
 from .errors import BlockError
 from .graph import BlockGraph
@@ -31,6 +31,12 @@ async def open_node(graph: BlockGraph, options: dict[str, Any]) -> Node:
 async def open_internal(graph: BlockGraph, options: dict[str, Any]) -> Node:
     """A node the daemon opens for itself (a drive-* target): generated names, not added."""
     return await _GraphOpener(graph).open(graph.generated_name(), options, {})
+
+
+def graph_opener(graph: BlockGraph) -> Opener:
+    """The drivers' view of GRAPH, for a driver that opens nodes outside blockdev-add
+    (blockdev-create's `file`)."""
+    return _GraphOpener(graph)
 
 
 class _GraphOpener:
@@ -72,14 +78,20 @@ async def add_node(graph: BlockGraph, options: dict[str, Any]) -> None:
 
 
 async def delete_node(graph: BlockGraph, name: str) -> None:
-    """blockdev-del: QEMU flushes a node before it lets go of it; an inline child goes with
-    its parent. Once the node has left the graph it is closed whatever happens (a failed
+    """blockdev-del: QEMU flushes a node before it lets go of it; the nodes it owns go with
+    it. Once the node has left the graph it is closed whatever happens (a failed
     flush, a cancelled call)."""
     node = graph.remove(name)
     try:
         await node.flush()
     finally:
         with trio.CancelScope(shield=True):
-            await node.close()
-            if node.child is not None and not node.child.monitor_owned:
-                await node.child.close()
+            await close_with_owned(node)
+
+
+async def close_with_owned(node: Node) -> None:
+    """Close NODE, then the nodes it owns, parents before children."""
+    owned = node.owned()
+    await node.close()
+    for below in owned:
+        await below.close()

@@ -26,12 +26,11 @@ async def blockdev_del(ctx: Context, *, node_name: str) -> None:
 
 @handler("blockdev-create")
 async def blockdev_create(ctx: Context, *, job_id: str, options: dict[str, Any]) -> None:
-    await ctx.jobs.launch(create_job(ctx.jobs, job_id, options), 0)
+    await ctx.jobs.launch(create_job(ctx.graph, ctx.jobs, job_id, options), 0)
 
 
 @handler("query-named-block-nodes")
 async def query_named_block_nodes(
     ctx: Context, *, flat: bool | None = None
 ) -> list[dict[str, Any]]:
-    # `flat` only leaves out the images' backing chains, and no node here has a backing file.
-    return await named_block_nodes(ctx.graph.all_nodes(), ctx.jobs.jobs())
+    return await named_block_nodes(ctx.graph.all_nodes(), ctx.jobs.jobs(), flat=bool(flat))

@@ -79,6 +79,9 @@ class Node:
         # root given to blockdev-add) or a parent does (an inline child, deleted with it).
         self.parents: list[Node] = []
         self.monitor_owned = True
+        # The node that opened this one as part of itself, and closes it (None: the monitor's
+        # or a job's).
+        self.owner: Node | None = None
         self.child: Node | None = None
         self.backing: Node | None = None
         # The checked blockdev-add options the node was opened with (for query-named-block-nodes).
@@ -109,6 +112,13 @@ class Node:
             raise self._busy(self.source_of[0])
 
     def check_removable(self) -> None:
+        # QEMU asks the node's blockers first (a parent using it as its backing file), then
+        # whether the monitor owns it, then whether anything else holds it.
+        for parent in self.parents:
+            if parent.backing is self:
+                raise BlockError(
+                    f"Node '{self.name}' is busy: node is used as backing hd of '{parent.name}'"
+                )
         if not self.monitor_owned:
             raise BlockError(f"Node {self.name} is not owned by the monitor")
         # QSD words this differently for each role the node plays in a job.
@@ -125,6 +135,11 @@ class Node:
 
     async def read(self, offset: int, length: int) -> bytes | None:
         """LENGTH bytes at OFFSET; None for a range that reads as zeroes."""
+        raise NotImplementedError
+
+    def read_sync(self, offset: int, length: int) -> bytes | None:
+        """`read`, blocking: what a format node calls from its worker thread to read the
+        nodes below it."""
         raise NotImplementedError
 
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
@@ -175,6 +190,25 @@ class Node:
         """The driver's own members of the node's ImageInfo (QEMU's get-info)."""
         return {}
 
+    def describes_backing(self) -> bool:
+        """Whether the node's "json:" description names its backing node (QEMU does when it
+        is not the one the image's header names)."""
+        return False
+
+    def children(self) -> list[Node]:
+        """The nodes this one uses: its file, its backing node."""
+        return [node for node in (self.child, self.backing) if node is not None]
+
+    def owned(self) -> list[Node]:
+        """The nodes opened with this one and closed with it (inline children, backing files
+        opened from a header), depth first."""
+        found: list[Node] = []
+        for node in self.children():
+            if node.owner is self:
+                found.append(node)
+                found.extend(node.owned())
+        return found
+
     def allocated_size(self) -> int:
         """Bytes the node takes on the host (a format node: its file's). May block: from a
         worker thread."""
@@ -196,8 +230,9 @@ class Opener(Protocol):
 
 
 OpenNode = Callable[[Opener, str, dict[str, Any], dict[str, Any]], Awaitable[Node]]
-# blockdev-create's options for the driver -> the image made. Blocking: a worker's job.
-CreateImage = Callable[[dict[str, Any]], None]
+# blockdev-create's options for the driver -> the image made, with the graph's view for the
+# nodes the options name (a format's `file`).
+CreateImage = Callable[[Opener, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

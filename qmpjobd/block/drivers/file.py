@@ -117,6 +117,7 @@ class FileNode(Node):
         self.discard = discard
         self.locking = locking
         self._writer_locked = False
+        self._shared_locked = False
         # Whether os.copy_file_range may serve copies from or to this file (datapath.py).
         self.copy_range_ok = True
         # An O_DIRECT file's second, buffered descriptor, opened when first needed.
@@ -151,6 +152,39 @@ class FileNode(Node):
             # QEMU adds a hint ("Is another process using the image?") that QMP does not carry.
             raise BlockError('Failed to get "write" lock') from e
         self._writer_locked = True
+
+    @property
+    def writer_locked(self) -> bool:
+        return self._writer_locked
+
+    def refresh_size(self) -> None:
+        """The file was written through another path (a format making an image in it): its
+        size as the host has it now. Blocking."""
+        self.file_size = os.fstat(self.fd).st_size
+        self.size = sectors_up(self.file_size)
+
+    def take_shared(self) -> None:
+        """Refuse the write permission to others, as a read-only format node over the file
+        does (its metadata must not change under it); fails if another holds it."""
+        if not self.locking or self._shared_locked:
+            return
+        start = _LOCK_SHARED_BASE + _PERM_WRITE_BIT
+        try:
+            _ofd_lock(self.fd, fcntl.F_RDLCK, start)
+            probe = _ofd_lock(self.fd, fcntl.F_WRLCK, _LOCK_PERM_BASE + _PERM_WRITE_BIT,
+                              _F_OFD_GETLK)
+            if struct.unpack("hhqqi4x", probe)[0] != fcntl.F_UNLCK:
+                raise OSError(errno.EAGAIN, "locked")
+        except OSError as e:
+            _ofd_lock(self.fd, fcntl.F_UNLCK, start)
+            raise BlockError('Failed to get shared "write" lock') from e
+        self._shared_locked = True
+
+    def drop_shared(self) -> None:
+        if self._shared_locked:
+            if not self._writer_locked:  # the writer's lock refuses others' writes too
+                _ofd_lock(self.fd, fcntl.F_UNLCK, _LOCK_SHARED_BASE + _PERM_WRITE_BIT)
+            self._shared_locked = False
 
     def drop_write(self) -> None:
         if self._writer_locked:
@@ -244,7 +278,8 @@ class FileNode(Node):
             buffered, self._buffered = self._buffered, -1
             await trio.to_thread.run_sync(os.close, buffered)
         if fd >= 0:
-            self._writer_locked = False  # closing the descriptor drops its OFD locks
+            # Closing the descriptor drops its OFD locks.
+            self._writer_locked = self._shared_locked = False
             await trio.to_thread.run_sync(os.close, fd)
 
 

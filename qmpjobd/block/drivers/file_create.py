@@ -8,6 +8,8 @@ import os
 import struct
 from typing import Any
 
+import trio
+
 from ..errors import BlockError
 
 CHUNK = 1 << 20
@@ -81,9 +83,9 @@ def _write_zeroes(fd: int, size: int) -> None:
         raise BlockError(f"Could not write zeros for preallocation: {_strerror(e)}") from None
 
 
-def create(options: dict[str, Any]) -> None:
-    """blockdev-create's BlockdevCreateOptionsFile."""
-    create_file(
-        options["filename"], options["size"], options.get("preallocation", "off"),
+async def create(opener: object, options: dict[str, Any]) -> None:
+    """blockdev-create's BlockdevCreateOptionsFile (in a worker thread)."""
+    await trio.to_thread.run_sync(
+        create_file, options["filename"], options["size"], options.get("preallocation", "off"),
         options.get("nocow", False),
     )

@@ -39,6 +39,9 @@ class NullNode(Node):
         await self._latency()
         return None
 
+    def read_sync(self, offset: int, length: int) -> bytes | None:
+        return None
+
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
         await self._latency()
 

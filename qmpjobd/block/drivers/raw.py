@@ -26,6 +26,9 @@ class RawNode(Node):
     async def read(self, offset: int, length: int) -> bytes | None:
         return await self.file.read(self.offset + offset, length)
 
+    def read_sync(self, offset: int, length: int) -> bytes | None:
+        return self.file.read_sync(self.offset + offset, length)
+
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
         await self.file.write(self.offset + offset, data, length)
 
@@ -92,6 +95,8 @@ async def open_raw(
         raise
     node = RawNode(name, child, offset, sectors_up(size if has_size else real - offset), read_only)
     child.monitor_owned = not inline
+    if inline:
+        child.owner = node
     return node
 
 

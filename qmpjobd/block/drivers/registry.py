@@ -1,6 +1,6 @@
 """The drivers a node may be opened with, by name: blockdev-add's `driver`.
 
-A new driver (qcow2, say) is a module with its node class and its open function, declared by a
+A driver is a module (or package) with its node class and its open function, declared by a
 `Driver` and listed here; nothing else switches on driver names.
 """
 
@@ -11,8 +11,11 @@ from typing import Final
 from ..errors import BlockError
 from . import file, null, raw
 from .base import Driver
+from .qcow2 import node as qcow2
 
-DRIVERS: Final[dict[str, Driver]] = {d.name: d for d in (file.DRIVER, raw.DRIVER, null.DRIVER)}
+DRIVERS: Final[dict[str, Driver]] = {
+    d.name: d for d in (file.DRIVER, raw.DRIVER, null.DRIVER, qcow2.DRIVER)
+}
 
 
 def driver(name: str) -> Driver:

@@ -1,0 +1,348 @@
+"""qcow2: the driver's node, over an open image (image.py) in a `file` node, with a backing
+node below it.
+
+blockdev-add's `backing` decides the backing node: a node name, an inline definition, null
+(none, whatever the header says), or absent: then the file the header names is opened as QEMU
+opens it (relative to the image's directory, read-only, in the format the header names or,
+without one, the format its first bytes show), and so on down the chain. A chain that comes
+back to an image already in it, or that is longer than MAX_CHAIN, is refused.
+
+As QEMU's, a writable qcow2 node holds its file's write lock from the moment it is open (it
+may write metadata at any time), and a read-only one refuses writers to its file; either
+fails against another process's (or node's) holding (`Failed to get "write" lock`).
+
+Every image call blocks and runs in a worker thread; the chain below is read from the same
+thread through the nodes' blocking `read_sync` and `block_status`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Final
+
+import trio
+
+from ...errors import BlockError
+from ..base import Driver, Extent, Node, Opener
+from ..file import FileNode
+from .create import check_options, format_image
+from .header import MAGIC, Qcow2Error
+from .hostfile import HostFile, open_write_log
+from .image import Kind, Qcow2Image
+
+# The deepest backing chain opened from image headers.
+MAX_CHAIN: Final = 256
+# The options QEMU's qcow2 driver has and qmpjobd's refuses (docs/compat.md).
+_UNSUPPORTED: Final = ("encrypt", "data-file")
+
+
+class _BackingView:
+    """The backing node as the image reads it: bytes past its end read as zeroes."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        size = self.node.size
+        if offset >= size:
+            return None
+        inside = min(length, size - offset)
+        data = self.node.read_sync(offset, inside)
+        if inside == length:
+            return data
+        return (data if data is not None else bytes(inside)) + bytes(length - inside)
+
+    def reads_zero(self, offset: int, length: int) -> bool:
+        end = min(offset + length, self.node.size)
+        while offset < end:
+            extent = self.node.block_status(offset, end - offset)
+            if not extent.zero:
+                return False
+            offset += extent.length
+        return True
+
+
+class Qcow2Node(Node):
+    driver = "qcow2"
+
+    def __init__(self, name: str, file: FileNode, image: Qcow2Image, *, read_only: bool,
+                 detect_zeroes: str, discard: bool) -> None:
+        super().__init__(name, image.size, read_only)
+        self.file = file
+        self.child = file
+        self.image = image
+        self.detect_zeroes = detect_zeroes
+        self.discard = discard
+        # Whether blockdev-add chose the backing node (or none) rather than the header.
+        self.backing_chosen = False
+
+    def attach_backing(self, backing: Node | None) -> None:
+        self.backing = backing
+        self.image.backing = _BackingView(backing) if backing is not None else None
+
+    # -- I/O -------------------------------------------------------------------------------
+
+    def _damaged(self, error: Qcow2Error) -> OSError:
+        """Damage found while serving a request: an I/O error for the caller (a job's error
+        policy decides), naming what is wrong. The image is left as it is."""
+        return OSError(errno.EIO, f"Image '{self.file.filename}' (node '{self.name}'): {error}")
+
+    def read_sync(self, offset: int, length: int) -> bytes | None:
+        try:
+            return self.image.read(offset, length)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+
+    async def read(self, offset: int, length: int) -> bytes | None:
+        return await trio.to_thread.run_sync(self.read_sync, offset, length)
+
+    def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
+        if data is not None and self.detect_zeroes != "off" and not any(data):
+            data = None
+        try:
+            if data is None:
+                unmap = self.detect_zeroes == "unmap" and self.discard
+                self.image.zero(offset, length, may_unmap=unmap)
+            else:
+                self.image.write(offset, data, length)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+
+    async def write(self, offset: int, data: bytes | None, length: int) -> None:
+        await trio.to_thread.run_sync(self.write_sync, offset, data, length)
+
+    async def flush(self) -> None:
+        if not self.read_only:
+            await trio.to_thread.run_sync(self.image.flush)
+
+    async def close(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.image.close)
+        finally:
+            self.file.drop_write()
+            self.file.drop_shared()
+            if self.file.fd >= 0 and self.image.file.log is not None:
+                self.image.file.log.close()
+
+    # -- what copies and chains need -----------------------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        try:
+            run, kind, _ = self.image.status(offset, length)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+        if kind is Kind.NORMAL or kind is Kind.COMPRESSED:
+            return Extent(run, zero=False, allocated=True)
+        if kind is Kind.ZERO:
+            return Extent(run, zero=True, allocated=True)
+        backing = self.backing
+        if backing is None or offset >= backing.size:
+            return Extent(run, zero=True, allocated=False)
+        below = backing.block_status(offset, min(run, backing.size - offset))
+        return Extent(below.length, zero=below.zero, allocated=False)
+
+    # -- what query-named-block-nodes reports ---------------------------------------------------
+
+    def backing_overridden(self) -> bool:
+        """Whether the backing node is not the one the header names (QEMU then describes the
+        node by a "json:" file name that says which). A backing node blockdev-add chose is
+        compared with the name as the header writes it, one opened from the header with the
+        name resolved, as QEMU compares them."""
+        header_name = self.image.header.backing_file
+        if self.backing is None:
+            return header_name is not None
+        named = header_name if self.backing_chosen else self.full_backing_filename()
+        return self.backing.exact_filename() != named
+
+    def full_backing_filename(self) -> str | None:
+        name = self.image.header.backing_file
+        if name is None:
+            return None
+        return backing_path(self.file.filename, name)
+
+    @property
+    def strong_options_given(self) -> bool:
+        return self.backing_overridden()
+
+    def describes_backing(self) -> bool:
+        return self.backing_overridden()
+
+    def format_info(self) -> dict[str, Any]:
+        header = self.image.header
+        info: dict[str, Any] = {
+            "cluster-size": header.cluster_size,
+            "dirty-flag": header.dirty,
+            "format-specific": {"type": "qcow2", "data": self._specific()},
+        }
+        if header.backing_file is not None:
+            info["backing-filename"] = header.backing_file
+            info["full-backing-filename"] = self.full_backing_filename()
+            if header.backing_format is not None:
+                info["backing-filename-format"] = header.backing_format
+        return info
+
+    def _specific(self) -> dict[str, Any]:
+        header = self.image.header
+        if header.version == 2:
+            return {"compat": "0.10", "refcount-bits": header.refcount_bits,
+                    "compression-type": "zlib"}
+        return {"compat": "1.1", "lazy-refcounts": header.lazy_refcounts,
+                "corrupt": header.corrupt, "extended-l2": False,
+                "refcount-bits": header.refcount_bits, "compression-type": "zlib"}
+
+
+def backing_path(image_filename: str, backing: str) -> str:
+    """The backing file's name as QEMU resolves it: relative to the image's directory (unless
+    absolute, or a protocol's "proto:..." name)."""
+    if os.path.isabs(backing) or ":" in backing.split("/", 1)[0]:
+        return backing
+    directory = os.path.dirname(image_filename)
+    return os.path.join(directory, backing) if directory else backing
+
+
+def _probe(path: str) -> str:
+    """The format a backing file without a named one is opened in: its first bytes say."""
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == MAGIC else "raw"
+    except OSError:
+        return "raw"  # the open that follows reports the file's error
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+async def open_qcow2(
+    opener: Opener, name: str, options: dict[str, Any], inherited: dict[str, Any]
+) -> Node:
+    """blockdev-add's `qcow2` driver."""
+    for option in _UNSUPPORTED:
+        if option in options:
+            raise BlockError(f"qcow2 option '{option}' is not supported by qmpjobd")
+    read_only = options.get("read-only", inherited.get("read-only", False))
+    cache = {**inherited.get("cache", {}), **options.get("cache", {})}
+    ref = options["file"]
+    inline = not isinstance(ref, str)
+    if isinstance(ref, str):
+        child = opener.lookup(ref)
+    else:
+        child = await opener.open_child(name, ref, {"read-only": read_only, "cache": cache})
+    node: Qcow2Node | None = None
+    try:
+        if not isinstance(child, FileNode):
+            raise BlockError(f"qcow2 node '{name}': its file must be a 'file' node in qmpjobd")
+        if child.read_only and not read_only:
+            raise BlockError("Block node is read-only")
+        if read_only:
+            child.take_shared()
+        else:
+            child.take_write()
+        log = open_write_log(child.filename) if not read_only else None
+        host = HostFile(child.fd, log, no_flush=bool(cache.get("no-flush", False)))
+        try:
+            image = await trio.to_thread.run_sync(
+                lambda: Qcow2Image(host, writable=not read_only))
+        except BlockError as e:
+            raise BlockError(f"Image '{child.filename}' (node '{name}'): {e}") from None
+        node = Qcow2Node(name, child, image, read_only=read_only,
+                         detect_zeroes=options.get("detect-zeroes", "off"),
+                         discard=options.get("discard", "ignore") == "unmap")
+        child.monitor_owned = not inline
+        if inline:
+            child.owner = node
+        await _open_backing(opener, node, options, inherited, cache)
+        return node
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            if node is not None:
+                await node.close()
+            elif isinstance(child, FileNode):
+                child.drop_write()
+                child.drop_shared()
+            if inline:
+                await child.close()
+        raise
+
+
+async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any],
+                        inherited: dict[str, Any], cache: dict[str, Any]) -> None:
+    if "backing" in options:
+        node.backing_chosen = True
+        ref = options["backing"]
+        if ref is None:
+            node.attach_backing(None)
+        elif isinstance(ref, str):
+            node.attach_backing(opener.lookup(ref))
+        else:
+            below = await opener.open_child(node.name, ref, {"read-only": True, "cache": cache})
+            below.monitor_owned = False
+            below.owner = node
+            node.attach_backing(below)
+        return
+    named = node.full_backing_filename()
+    if named is None:
+        return
+    chain: tuple[tuple[int, int], ...] = inherited.get("qcow2-chain", ())
+    me = _identity(node.file.filename)
+    if me is not None:
+        chain = (*chain, me)
+    if len(chain) > MAX_CHAIN:
+        raise BlockError(f"Backing chain deeper than {MAX_CHAIN} images")
+    if _identity(named) in chain:
+        raise BlockError(f"Could not open backing file: backing chain of '{node.name}' loops "
+                         f"back to '{named}'")
+    fmt = node.image.header.backing_format or await trio.to_thread.run_sync(_probe, named)
+    below_options = {"driver": fmt, "file": {"driver": "file", "filename": named}}
+    try:
+        below = await opener.open_child(
+            node.name, below_options, {"read-only": True, "cache": cache, "qcow2-chain": chain})
+    except BlockError as e:
+        raise BlockError(f"Could not open backing file: {e}") from None
+    below.monitor_owned = False
+    below.owner = node
+    node.attach_backing(below)
+
+
+
+async def create_qcow2(opener: Opener, options: dict[str, Any]) -> None:
+    """blockdev-create's `qcow2`: the image made in the `file` node the options name (or
+    define inline, opened for the while), its options checked as QEMU checks them."""
+    ref = options["file"]
+    if isinstance(ref, str):
+        node = opener.lookup(ref)
+        temporary = False
+    else:
+        node = await opener.open_child("", ref, {})
+        temporary = True
+    try:
+        if not isinstance(node, FileNode):
+            raise BlockError("qcow2 images are made in 'file' nodes in qmpjobd")
+        if node.read_only:
+            raise BlockError("Block node is read-only")
+        new = check_options(options)
+        had_lock = node.writer_locked
+        node.take_write()
+        try:
+            log = open_write_log(node.filename)
+            try:
+                await trio.to_thread.run_sync(format_image, HostFile(node.fd, log), new)
+            finally:
+                if log is not None:
+                    log.close()
+        finally:
+            if not had_lock:
+                node.drop_write()
+        await trio.to_thread.run_sync(node.refresh_size)
+    finally:
+        if temporary:
+            with trio.CancelScope(shield=True):
+                await node.close()
+
+
+DRIVER = Driver(Qcow2Node, open_qcow2, create_qcow2)
