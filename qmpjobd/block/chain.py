@@ -1,11 +1,11 @@
-"""Backing chains: finding a command's top, base and bottom nodes in the chain below a device.
-
-No driver here has backing files yet, so every chain is one node long: QEMU's checks
-still run, in QEMU's order, with QEMU's messages, and decide which error a command gets
-(block-commit always gets one: it would commit an image into itself).
+"""Backing chains: finding a command's top, base and bottom nodes in the chain below a device,
+with QEMU's checks in QEMU's order and words; and what the layers of a chain hold.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 from .drivers.base import Node
 from .errors import BlockError, DeviceNotFound
@@ -51,24 +51,101 @@ def check_commit(
     raise BlockError("cannot commit an image into itself")
 
 
-def check_stream(
+def below(node: Node) -> list[Node]:
+    """The backing chain under NODE, nearest first (NODE not included)."""
+    found = []
+    current = node.backing
+    while current is not None:
+        found.append(current)
+        current = current.backing
+    return found
+
+
+def find_backing_image(node: Node, name: str) -> Node | None:
+    """The image in NODE's chain that NAME designates (QEMU's bdrv_find_backing_image): the
+    name its overlay's header gives it, or a path to the same file."""
+    overlay = node
+    for image in below(node):
+        named = getattr(getattr(overlay, "image", None), "header", None)
+        if named is not None and named.backing_file == name:
+            return image
+        own = _filename(image) or image.exact_filename()
+        if own and (own == name or os.path.realpath(own) == os.path.realpath(name)):
+            return image
+        overlay = image
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """What block-stream copies: into TOP, what the chain holds down to BASE_OVERLAY (included);
+    BASE is what TOP's backing file becomes (None: no backing file)."""
+
+    top: Node
+    base_overlay: Node
+    base: Node | None
+    backing_file: str | None
+
+
+def plan_stream(
     graph: BlockGraph, node: Node, device: str, *, base: str | None, base_node: str | None,
     bottom: str | None, backing_file: str | None,
-) -> None:
-    """block-stream's checks of its base, bottom and backing file against NODE's chain (with
-    no backing file, the whole chain is NODE: only a stream of all of it gets through)."""
+) -> StreamPlan:
+    """block-stream's checks of its base, bottom and backing file against NODE's chain, in
+    QEMU's order and words."""
     if base is not None and base_node is not None:
         raise BlockError("'base' and 'base-node' cannot be specified at the same time")
     if base is not None and bottom is not None:
         raise BlockError("'base' and 'bottom' cannot be specified at the same time")
     if bottom is not None and base_node is not None:
         raise BlockError("'bottom' and 'base-node' cannot be specified at the same time")
+    chain = below(node)
+    base_bs: Node | None = None
     if base is not None:
-        raise BlockError(f"Can't find '{base}' in the backing chain")
+        base_bs = find_backing_image(node, base)
+        if base_bs is None:
+            raise BlockError(f"Can't find '{base}' in the backing chain")
     if base_node is not None:
-        graph.lookup_node(base_node)
-        raise BlockError(f"Node '{base_node}' is not a backing image of '{device}'")
-    if bottom is not None and graph.lookup_node(bottom) is not node:
-        raise BlockError(f"Node '{bottom}' is not in a chain starting from '{device}'")
-    if backing_file is not None:
+        base_bs = graph.lookup_node(base_node)
+        if base_bs not in chain:
+            raise BlockError(f"Node '{base_node}' is not a backing image of '{device}'")
+    bottom_bs: Node | None = None
+    if bottom is not None:
+        bottom_bs = graph.lookup_node(bottom)
+        if bottom_bs is not node and bottom_bs not in chain:
+            raise BlockError(f"Node '{bottom}' is not in a chain starting from '{device}'")
+    # The nodes the stream reads from must not be written by a job.
+    end = bottom_bs.backing if bottom_bs is not None else base_bs
+    for image in [node, *chain]:
+        if image is end:
+            break
+        image.check_backup_source()
+    if base_bs is None and backing_file is not None:
         raise BlockError("backing file specified, but streaming the entire chain")
+    if bottom_bs is not None:
+        return StreamPlan(node, bottom_bs, bottom_bs.backing, None)
+    overlay = node
+    for image in chain:
+        if image is base_bs:
+            break
+        overlay = image
+    return StreamPlan(node, overlay, base_bs, backing_file)
+
+
+def allocated_above(top: Node, bottom: Node, offset: int, length: int) -> tuple[bool, int]:
+    """Whether the first bytes of [OFFSET, OFFSET+LENGTH) are allocated in a layer from TOP
+    down to BOTTOM (included), and for how many bytes that holds: QEMU's
+    bdrv_is_allocated_above. A layer that ends before OFFSET counts as allocated (it reads as
+    zeroes there). Blocking: a worker thread's."""
+    layer: Node | None = top
+    while layer is not None:
+        if offset >= layer.size:
+            return True, length
+        extent = layer.block_status(offset, min(length, layer.size - offset))
+        if extent.allocated:
+            return True, extent.length
+        length = extent.length
+        if layer is bottom:
+            break
+        layer = layer.backing
+    return False, length

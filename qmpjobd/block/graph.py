@@ -68,6 +68,42 @@ class BlockGraph:
             self._nodes[below.name] = below
         self._nodes[node.name] = node
 
+    def replace_backing(self, node: Node, new: Node | None) -> list[Node]:
+        """NODE falls through to NEW from now on (a stream or commit dropped the images
+        between). The dropped images NODE's chain owned leave the graph (with what they own);
+        they are returned, for the caller to close. NEW, if it was owned by one of them, is
+        NODE's now."""
+        dropped = []
+        current = node.backing
+        while current is not None and current is not new:
+            dropped.append(current)
+            current = current.backing
+        old = node.backing
+        if old is not None:
+            old.parents.remove(node)
+        node.attach_backing(new)
+        if new is not None:
+            new.parents.append(node)
+            if new.owner in dropped:
+                new.owner = node
+            for image in dropped:
+                if new in image.children() and image in new.parents:
+                    new.parents.remove(image)
+        closing = []
+        for image in dropped:
+            if image.owner is None or image.parents:
+                continue  # the monitor's (or still another's): it stays, unlinked
+            for gone in (image, *image.owned()):
+                if gone is new:
+                    continue
+                if self._nodes.get(gone.name) is gone:
+                    del self._nodes[gone.name]
+                for child in gone.children():
+                    if gone in child.parents:
+                        child.parents.remove(gone)
+                closing.append(gone)
+        return closing
+
     def generated_name(self) -> str:
         """A name for a node opened without one (an inline child, a drive-* target), made as
         QEMU makes them: '#block', a counter of three or more digits and two random ones."""

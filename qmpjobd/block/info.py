@@ -3,11 +3,7 @@
 Most members are constants for the drivers qmpjobd has (no I/O limits, write thresholds or
 encryption). The ones that are not:
 
-- the file name, which QEMU rebuilds from the node's "strong" options (those that change the
-  data: raw's offset and size, null-co's size and read-zeroes). A node without any reuses its
-  protocol child's plain name (the image file's, or "null-co://"); one with some is described
-  as "json:" and its strong options with its children's, written as QEMU writes a QDict (keys in
-  the QDict's hash order, ", " and ": " between them);
+- the file name (filenames.py);
 - options an inline child takes from its parent when it does not set them (read-only,
   cache.direct, cache.no-flush; detect-zeroes is not inherited);
 - a qcow2 node's backing file: its node's file name, and (unless `flat`) the depth of the
@@ -24,12 +20,9 @@ from typing import Any
 import trio
 
 from ..jobs.job import Job
-from ..qobject import qdict_order, write_json
 from .drivers.base import Node
+from .drivers.filenames import filename
 from .jobs.blockjob import BlockJob
-
-# QEMU keeps a node's file name in a PATH_MAX buffer and marks a cut-off "json:" name with "...".
-_PATH_MAX = 4096
 
 
 async def named_block_nodes(
@@ -45,7 +38,7 @@ async def named_block_nodes(
 
 def _image(node: Node, sizes: dict[Node, int], flat: bool) -> dict[str, Any]:
     image: dict[str, Any] = {
-        "filename": _filename(node),
+        "filename": filename(node),
         "format": node.driver,
         "virtual-size": node.size,
         "actual-size": sizes[node],
@@ -71,9 +64,8 @@ def _info(
     node: Node, sizes: dict[Node, int], bitmaps: list[dict[str, Any]] | None, flat: bool
 ) -> dict[str, Any]:
     image = _image(node, sizes, flat)
-    filename = image["filename"]
     info: dict[str, Any] = {
-        "file": filename,
+        "file": image["filename"],
         "node-name": node.name,
         "ro": node.read_only,  # inherited by an inline child, and after auto-read-only
         "drv": node.driver,
@@ -91,7 +83,7 @@ def _info(
         "write_threshold": 0,
     }
     if node.backing is not None:
-        info["backing_file"] = _filename(node.backing)
+        info["backing_file"] = filename(node.backing)
     if bitmaps:
         info["dirty-bitmaps"] = bitmaps
     return info
@@ -116,31 +108,6 @@ def _inherited(node: Node, path: tuple[str, ...], default: object) -> object:
             return value
         current = _owner(current)
     return default
-
-
-def _full_options(node: Node) -> dict[str, Any]:
-    """The options that would open NODE again with the same data, children's included, in the
-    order they enter QEMU's QDict (written out in the QDict's own order)."""
-    options: dict[str, Any] = {}
-    for key in ("driver", "filename", *node.strong_options):
-        if key in node.options:
-            options[key] = node.options[key]
-    options.setdefault("driver", node.driver)
-    if node.child is not None:
-        options["file"] = _full_options(node.child)
-    if node.describes_backing():
-        options["backing"] = None if node.backing is None else _full_options(node.backing)
-    return options
-
-
-def _filename(node: Node) -> str:
-    exact = node.exact_filename()
-    if exact:
-        return exact
-    name = "json:" + write_json(_full_options(node), spaced=True, key_order=qdict_order)
-    if len(name) >= _PATH_MAX:  # ASCII (non-ASCII is escaped), so characters are bytes
-        name = name[: _PATH_MAX - 4] + "..."
-    return name
 
 
 # -- sizes and bitmaps ------------------------------------------------------------------------

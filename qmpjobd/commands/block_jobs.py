@@ -67,6 +67,7 @@ async def block_stream(
         bottom=bottom, backing_file=backing_file,
         auto_finalize=True if auto_finalize is None else auto_finalize,
         auto_dismiss=True if auto_dismiss is None else auto_dismiss,
+        on_error=on_error or "report",
     )
     await ctx.jobs.launch(job, speed or 0)
 

@@ -146,6 +146,10 @@ class Node:
         """Write DATA at OFFSET (None: LENGTH zero bytes)."""
         raise NotImplementedError
 
+    def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
+        """`write`, blocking (from a worker thread)."""
+        raise NotImplementedError
+
     async def flush(self) -> None:
         """Make written data durable."""
 
@@ -189,6 +193,17 @@ class Node:
     def format_info(self) -> dict[str, Any]:
         """The driver's own members of the node's ImageInfo (QEMU's get-info)."""
         return {}
+
+    def attach_backing(self, backing: Node | None) -> None:
+        """BACKING is the node this one falls through to from now on (graph.py keeps the
+        parents and owners in step)."""
+        if backing is not None:
+            raise BlockError(f"Node '{self.name}' cannot have a backing file")
+        self.backing = None
+
+    def set_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        """Name FILENAME (in format FMT) as the backing file in the image's header. Blocking."""
+        raise BlockError(f"Node '{self.name}' has no backing file to change")
 
     def describes_backing(self) -> bool:
         """Whether the node's "json:" description names its backing node (QEMU does when it

@@ -258,7 +258,9 @@ class FileNode(Node):
 
     def grew_to(self, end: int) -> None:
         """Data was written up to END: the file is at least that long now."""
-        self.file_size = max(self.file_size, end)
+        if end > self.file_size:
+            self.file_size = end
+            self.size = sectors_up(end)
 
     def _buffered_fd(self) -> int:
         if self._buffered < 0:

@@ -42,6 +42,9 @@ class NullNode(Node):
     def read_sync(self, offset: int, length: int) -> bytes | None:
         return None
 
+    def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
+        pass
+
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
         await self._latency()
 

@@ -32,6 +32,9 @@ class RawNode(Node):
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
         await self.file.write(self.offset + offset, data, length)
 
+    def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
+        self.file.write_sync(self.offset + offset, data, length)
+
     async def flush(self) -> None:
         await self.file.flush()
 

@@ -1,48 +1,133 @@
-"""block-stream on a node without a backing file: nothing to copy, the job ends at once.
+"""block-stream: copy into a node what its backing chain holds above a base, then make the base
+its backing file (none, when the whole chain was streamed).
 
-As qemu-storage-daemon 7.2: the whole life of the job (len 0) goes by before the command
-replies; while the job lasts (auto-finalize off) it holds its node.
+As QEMU's stream: the node is walked in pieces of at most 512 KiB; a piece this layer holds is
+passed over; one that a layer down to the base's overlay holds is read through the chain and
+written into the node (as zeroes, by the image's zero write, where all of it reads as zeroes,
+as QEMU's copy-on-read does); the rest (what only the base holds) stays where it is. Progress
+counts every piece, copied or not; only copied pieces count against the speed. Once done, the
+node's header names the base (by `backing-file`, or the base node's file name) and its format,
+the node's backing node is the base, and the images between, if the node opened them from
+headers, are closed.
+
+A node without a backing file has nothing to stream: the job ends at once (len 0).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import trio
+
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
-from ..chain import check_stream
-from ..drivers.base import Node
+from ..chain import StreamPlan, allocated_above, plan_stream
+from ..drivers.filenames import filename
+from ..errors import CopyFailed
 from ..graph import BlockGraph
 from .blockjob import BlockJob, new_job_id
+
+# QEMU's STREAM_CHUNK.
+CHUNK = 512 << 10
 
 
 class StreamJob(BlockJob):
     job_type = "stream"
 
     def __init__(
-        self, job_id: str, emit: Emit, node: Node, *, auto_finalize: bool, auto_dismiss: bool
+        self, job_id: str, emit: Emit, graph: BlockGraph, plan: StreamPlan, **options: Any
     ) -> None:
+        top = plan.top
+        streams = top is not plan.base_overlay
         # The node is both what is read and what is written; streaming nothing takes no lock.
-        super().__init__(
-            job_id, emit, node, node, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
-            lock_target=False,
-        )
+        super().__init__(job_id, emit, top, top, lock_target=streams, **options)
+        self.graph = graph
+        self.plan = plan
 
     async def run(self) -> None:
-        await self.pause_point()
+        plan = self.plan
+        top = plan.top
+        if top is not plan.base_overlay:
+            self.progress_total = top.size
+            offset = 0
+            while offset < top.size:
+                await self.pause_point()
+                if self.is_cancelled:
+                    return
+                try:
+                    n, copied = await self._step(offset)
+                except CopyFailed as failure:
+                    action = self.io_failed(failure)
+                    if action == "report":
+                        raise failure.error from None
+                    await self.retry_after(action)
+                    continue
+                offset += n
+                if copied:
+                    self.charge(n)
+                    await self.ratelimit_sleep()
+                else:
+                    self.progress_current += n
+        if top.backing is not None:
+            await self._rebase()
+
+    async def _step(self, offset: int) -> tuple[int, bool]:
+        """Stream the piece at OFFSET: (its length, whether it was copied)."""
+        self.io_begin()
+        try:
+            return await trio.to_thread.run_sync(self._step_sync, offset)
+        finally:
+            self.io_end()
+
+    def _step_sync(self, offset: int) -> tuple[int, bool]:
+        top = self.plan.top
+        length = min(CHUNK, top.size - offset)
+        try:
+            own = top.block_status(offset, length)
+            if own.allocated:
+                return own.length, False
+            assert top.backing is not None
+            held, n = allocated_above(top.backing, self.plan.base_overlay, offset, own.length)
+            if not held:
+                return (n or top.size - offset), False
+            data = top.read_sync(offset, n)
+        except OSError as e:
+            raise CopyFailed("read", e, 0) from None
+        try:
+            # Copy-on-read: what reads as zeroes is written as zeroes.
+            top.write_sync(offset, None if data is None or not any(data) else data, n)
+        except OSError as e:
+            # QEMU's stream reports every failure as a read's (its copy-on-read is a read).
+            raise CopyFailed("read", e, 0) from None
+        return n, True
+
+    async def _rebase(self) -> None:
+        """The base becomes the node's backing file, in its header and in the graph."""
+        plan = self.plan
+        top = plan.top
+        base = plan.base
+        name = fmt = None
+        if base is not None:
+            name = plan.backing_file or filename(base)
+            fmt = base.driver
+        await trio.to_thread.run_sync(top.set_backing_file, name, fmt)
+        with trio.CancelScope(shield=True):
+            for node in self.graph.replace_backing(top, base):
+                await node.close()
 
 
 def stream_job(
     graph: BlockGraph, jobs: JobManager, *, device: str, job_id: str | None,
     base: str | None, base_node: str | None, bottom: str | None, backing_file: str | None,
-    auto_finalize: bool, auto_dismiss: bool,
+    auto_finalize: bool, auto_dismiss: bool, on_error: str = "report",
 ) -> StreamJob:
     """block-stream's checks in QEMU's order, then its job (not yet created)."""
     node = graph.lookup(device)
-    check_stream(
+    plan = plan_stream(
         graph, node, device, base=base, base_node=base_node, bottom=bottom,
         backing_file=backing_file,
     )
-    node.check_backup_source()  # a backup's source may be streamed, not what a job writes
     return StreamJob(
-        new_job_id(jobs, job_id), jobs.emit, node, auto_finalize=auto_finalize,
-        auto_dismiss=auto_dismiss,
+        new_job_id(jobs, job_id), jobs.emit, graph, plan, auto_finalize=auto_finalize,
+        auto_dismiss=auto_dismiss, on_source_error=on_error, on_target_error=on_error,
     )

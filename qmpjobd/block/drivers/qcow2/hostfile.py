@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from typing import BinaryIO, Final
 
 # A log record: its kind, the offset and the length of the data that follows (a write), or
@@ -73,10 +74,15 @@ def open_write_log(image_name: str) -> WriteLog | None:
 class HostFile:
     """An open image file: FD, whose length the driver tracks as it writes."""
 
-    def __init__(self, fd: int, log: WriteLog | None = None, *, no_flush: bool = False) -> None:
+    def __init__(
+        self, fd: int, log: WriteLog | None = None, *, no_flush: bool = False,
+        grew: Callable[[int], None] = lambda size: None,
+    ) -> None:
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.log = log
+        # Told each new length of the file (the file node keeps its size in step).
+        self._grew = grew
         # cache.no-flush: the file's owner asked that syncs be skipped (QEMU's meaning).
         self.no_flush = no_flush
 
@@ -101,7 +107,12 @@ class HostFile:
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
-        self.size = max(self.size, offset + len(view))
+        self._grown_to(offset + len(view))
+
+    def _grown_to(self, end: int) -> None:
+        if end > self.size:
+            self.size = end
+            self._grew(end)
 
     def copy_from(self, source_fd: int, source_offset: int, offset: int, length: int) -> None:
         """Copy LENGTH bytes at SOURCE_OFFSET of another file to OFFSET of this one, in the
@@ -118,7 +129,7 @@ class HostFile:
             except OSError:
                 pass  # by hand from where it stopped (another file system, no support)
             if copied:
-                self.size = max(self.size, offset + copied)
+                self._grown_to(offset + copied)
             source_offset, offset, length = (source_offset + copied, offset + copied,
                                              length - copied)
         for at in range(0, length, 1 << 20):
@@ -133,7 +144,7 @@ class HostFile:
         if self.log is not None:
             self.log.extend(size)
         os.ftruncate(self.fd, size)
-        self.size = size
+        self._grown_to(size)
 
     def sync(self) -> None:
         if self.log is not None:

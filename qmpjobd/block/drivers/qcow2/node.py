@@ -26,6 +26,7 @@ import trio
 from ...errors import BlockError
 from ..base import Driver, Extent, Node, Opener
 from ..file import FileNode
+from ..filenames import filename
 from .create import check_options, format_image
 from .header import MAGIC, Qcow2Error
 from .hostfile import HostFile, open_write_log
@@ -74,12 +75,21 @@ class Qcow2Node(Node):
         self.image = image
         self.detect_zeroes = detect_zeroes
         self.discard = discard
-        # Whether blockdev-add chose the backing node (or none) rather than the header.
-        self.backing_chosen = False
+        # The backing file's name as QEMU keeps it to tell whether the backing node is the
+        # one the image names: the header's name, the opened file's name once opened from
+        # the header, the new name once a job rewrote the header.
+        self.auto_backing_file = image.header.backing_file
 
     def attach_backing(self, backing: Node | None) -> None:
         self.backing = backing
         self.image.backing = _BackingView(backing) if backing is not None else None
+
+    def set_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        try:
+            self.image.set_backing(filename, fmt)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+        self.auto_backing_file = filename
 
     # -- I/O -------------------------------------------------------------------------------
 
@@ -147,13 +157,11 @@ class Qcow2Node(Node):
     def backing_overridden(self) -> bool:
         """Whether the backing node is not the one the header names (QEMU then describes the
         node by a "json:" file name that says which). A backing node blockdev-add chose is
-        compared with the name as the header writes it, one opened from the header with the
-        name resolved, as QEMU compares them."""
-        header_name = self.image.header.backing_file
+        compared with the name as the header writes it, one opened from the header with its
+        own file name, as QEMU compares them."""
         if self.backing is None:
-            return header_name is not None
-        named = header_name if self.backing_chosen else self.full_backing_filename()
-        return self.backing.exact_filename() != named
+            return self.image.header.backing_file is not None
+        return filename(self.backing) != self.auto_backing_file
 
     def full_backing_filename(self) -> str | None:
         name = self.image.header.backing_file
@@ -244,7 +252,8 @@ async def open_qcow2(
         else:
             child.take_write()
         log = open_write_log(child.filename) if not read_only else None
-        host = HostFile(child.fd, log, no_flush=bool(cache.get("no-flush", False)))
+        host = HostFile(child.fd, log, no_flush=bool(cache.get("no-flush", False)),
+                        grew=child.grew_to)
         try:
             image = await trio.to_thread.run_sync(
                 lambda: Qcow2Image(host, writable=not read_only))
@@ -273,7 +282,6 @@ async def open_qcow2(
 async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any],
                         inherited: dict[str, Any], cache: dict[str, Any]) -> None:
     if "backing" in options:
-        node.backing_chosen = True
         ref = options["backing"]
         if ref is None:
             node.attach_backing(None)
@@ -307,7 +315,7 @@ async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any]
     below.monitor_owned = False
     below.owner = node
     node.attach_backing(below)
-
+    node.auto_backing_file = filename(below)
 
 
 async def create_qcow2(opener: Opener, options: dict[str, Any]) -> None:
@@ -331,7 +339,8 @@ async def create_qcow2(opener: Opener, options: dict[str, Any]) -> None:
         try:
             log = open_write_log(node.filename)
             try:
-                await trio.to_thread.run_sync(format_image, HostFile(node.fd, log), new)
+                await trio.to_thread.run_sync(
+                    format_image, HostFile(node.fd, log, grew=node.grew_to), new)
             finally:
                 if log is not None:
                     log.close()
