@@ -141,10 +141,10 @@ def allocated_above(top: Node, bottom: Node, offset: int, length: int) -> tuple[
     while layer is not None:
         if offset >= layer.size:
             return True, length
-        extent = layer.block_status(offset, min(length, layer.size - offset))
-        if extent.allocated:
-            return True, extent.length
-        length = extent.length
+        held, n = layer.allocation(offset, min(length, layer.size - offset))
+        if held:
+            return True, n
+        length = n
         if layer is bottom:
             break
         layer = layer.backing

@@ -170,6 +170,13 @@ class Node:
         node has a host file."""
         raise NotImplementedError
 
+    def allocation(self, offset: int, length: int) -> tuple[bool, int]:
+        """Whether this layer itself holds the first bytes of [OFFSET, OFFSET+LENGTH), and
+        for how many bytes that holds (QEMU's bdrv_is_allocated: no look at which bytes are
+        zeroes, nor below). A node that is not a format with a backing file holds all of
+        it. May block: from a worker thread."""
+        return True, length
+
     def host_extent(self, offset: int, length: int) -> HostExtent | None:
         """Where [OFFSET, OFFSET+LENGTH) lives in a host file, if all of it lives in one at one
         place; None otherwise (a node that keeps no bytes, a format that maps them)."""

@@ -49,11 +49,11 @@ class StreamJob(BlockJob):
         top = plan.top
         if top is not plan.base_overlay:
             self.progress_total = top.size
-            offset = 0
+            offset = delay = 0
             while offset < top.size:
-                await self.pause_point()
-                if self.is_cancelled:
-                    return
+                # As QEMU 7.2's stream: one sleep per piece, for the delay the last copy asked;
+                # a pause or a speed change ends it early, and the walk goes on from there.
+                await self.sleep_ns(delay)
                 try:
                     n, copied = await self._step(offset)
                 except CopyFailed as failure:
@@ -63,11 +63,8 @@ class StreamJob(BlockJob):
                     await self.retry_after(action)
                     continue
                 offset += n
-                if copied:
-                    self.charge(n)
-                    await self.ratelimit_sleep()
-                else:
-                    self.progress_current += n
+                self.progress_current += n
+                delay = self.limit.delay_ns(n) if copied else 0
         if top.backing is not None:
             await self._rebase()
 
@@ -83,11 +80,11 @@ class StreamJob(BlockJob):
         top = self.plan.top
         length = min(CHUNK, top.size - offset)
         try:
-            own = top.block_status(offset, length)
-            if own.allocated:
-                return own.length, False
+            own, n = top.allocation(offset, length)
+            if own:
+                return n, False
             assert top.backing is not None
-            held, n = allocated_above(top.backing, self.plan.base_overlay, offset, own.length)
+            held, n = allocated_above(top.backing, self.plan.base_overlay, offset, n)
             if not held:
                 return (n or top.size - offset), False
             data = top.read_sync(offset, n)

@@ -152,6 +152,13 @@ class Qcow2Node(Node):
         below = backing.block_status(offset, min(run, backing.size - offset))
         return Extent(below.length, zero=below.zero, allocated=False)
 
+    def allocation(self, offset: int, length: int) -> tuple[bool, int]:
+        try:
+            run, kind, _ = self.image.status(offset, length)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+        return kind is not Kind.UNALLOCATED, run
+
     # -- what query-named-block-nodes reports ---------------------------------------------------
 
     def backing_overridden(self) -> bool:
