@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import trio
+
 from .drivers.base import Node
+from .drivers.filenames import filename
 from .errors import BlockError, DeviceNotFound
 from .graph import BlockGraph
 
@@ -18,37 +21,71 @@ def _filename(node: Node) -> str | None:
     return host.file.filename if host is not None else None
 
 
-def check_commit(
+@dataclass(frozen=True, slots=True)
+class CommitPlan:
+    """What block-commit merges: TOP and the images below it down to BASE_OVERLAY (included)
+    into BASE. OVERLAY is the image whose backing file TOP is, whose header then names BASE
+    (by BACKING_FILE, or the base's file name); None for an active commit (TOP is the device's
+    own image), which mirrors instead and stays READY until completed."""
+
+    top: Node
+    base: Node
+    base_overlay: Node
+    overlay: Node | None
+    backing_file: str | None
+
+
+def plan_commit(
     graph: BlockGraph, device: str, *, top: str | None, top_node: str | None,
-    base: str | None, base_node: str | None,
-) -> None:
-    """Raise the error QSD gives for this block-commit (there is always one here)."""
+    base: str | None, base_node: str | None, backing_file: str | None,
+) -> CommitPlan:
+    """block-commit's checks of its nodes against the device's chain, in QEMU's order and
+    words (blockdev.c, qmp_block_commit)."""
     try:
         node = graph.find(device)
     except BlockError:
         raise DeviceNotFound(f"Device '{device}' not found") from None
+    if node.parents:
+        raise BlockError("Need a root block node")
     node.check_mirror_source()
+    chain = [node, *below(node)]
+    top_bs: Node | None = node
     if top_node is not None and top is not None:
         raise BlockError("'top-node' and 'top' are mutually exclusive")
     if top_node is not None:
         top_bs = graph.lookup_node(top_node)
-    elif top is not None:
-        if top != _filename(node):
-            raise BlockError(f"Top image file {top} not found")
-        top_bs = node
-    else:
-        top_bs = node
-    if top_bs is not node:
-        raise BlockError(f"'{top_bs.name}' is not in this backing file chain")
+        if top_bs not in chain:
+            raise BlockError(f"'{top_node}' is not in this backing file chain")
+    elif top and top != filename(node):
+        top_bs = find_backing_image(node, top)
+    if top_bs is None:
+        raise BlockError(f"Top image file {top} not found")
+    top_chain = chain[chain.index(top_bs):]
     if base_node is not None and base is not None:
         raise BlockError("'base-node' and 'base' are mutually exclusive")
     if base_node is not None:
         base_bs = graph.lookup_node(base_node)
-        if base_bs is not node:
-            raise BlockError(f"'{base_bs.name}' is not in this backing file chain")
-    elif base is not None:
-        raise BlockError(f"Can't find '{base}' in the backing chain")
-    raise BlockError("cannot commit an image into itself")
+        if base_bs not in top_chain:
+            raise BlockError(f"'{base_node}' is not in this backing file chain")
+    elif base:
+        found = find_backing_image(top_bs, base)
+        if found is None:
+            raise BlockError(f"Can't find '{base}' in the backing chain")
+        base_bs = found
+    else:
+        base_bs = top_chain[-1]
+    for image in top_chain[: top_chain.index(base_bs) + 1]:
+        image.check_target()
+    if top_bs is base_bs:
+        raise BlockError("cannot commit an image into itself")
+    base_overlay = top_chain[top_chain.index(base_bs) - 1]
+    if top_bs is node:
+        if backing_file is not None:
+            raise BlockError("'backing-file' specified, but 'top' is the active layer")
+        return CommitPlan(top_bs, base_bs, base_overlay, None, None)
+    overlay = chain[chain.index(top_bs) - 1]
+    overlay.check_target()
+    return CommitPlan(top_bs, base_bs, base_overlay, overlay, backing_file)
 
 
 def below(node: Node) -> list[Node]:
@@ -149,3 +186,32 @@ def allocated_above(top: Node, bottom: Node, offset: int, length: int) -> tuple[
             break
         layer = layer.backing
     return False, length
+
+
+async def drop_intermediate(
+    graph: BlockGraph, overlay: Node, base: Node | None, backing_file: str | None
+) -> None:
+    """OVERLAY falls through to BASE from now on, and its header says so (QEMU's
+    bdrv_drop_intermediate, after a stream or a commit): BACKING_FILE, or the base's file name,
+    and the base's format; no backing file if BASE is None. An overlay opened read-only is
+    written for the time it takes, as QEMU reopens it. The images between, if the chain
+    opened them from headers, are closed."""
+    name = fmt = None
+    if base is not None:
+        name = backing_file or filename(base)
+        fmt = base.driver
+
+    def rewrite() -> None:
+        was_read_only = overlay.read_only
+        if was_read_only:
+            overlay.reopen(False)
+        try:
+            overlay.set_backing_file(name, fmt)
+        finally:
+            if was_read_only:
+                overlay.reopen(True)
+
+    await trio.to_thread.run_sync(rewrite)
+    with trio.CancelScope(shield=True):
+        for node in graph.replace_backing(overlay, base):
+            await node.close()

@@ -120,3 +120,48 @@ def _copy_piece(src: FileNode, at: int, dst: FileNode, to: int, length: int, don
         except OSError as e:
             raise CopyFailed("write", e, done) from None
         at, to, length, done = at + n, to + n, length - n, done + n
+
+
+async def copy_by_status(
+    source: Node, target: Node, offset: int, length: int, *, granularity: int, unmap: bool
+) -> None:
+    """Copy a range as QEMU's mirror does when the nodes are not plain host files (a format
+    maps the bytes): by the source's block status, through the whole chain below it, a run
+    that reads as zeroes, at least GRANULARITY long and in whole target clusters, becomes a
+    zero write on the target (freeing what held it if UNMAP and the target discards); every
+    other piece, at least GRANULARITY long, is read and written as it is, zeroes included."""
+    await trio.to_thread.run_sync(
+        _copy_by_status, source, target, offset, length, granularity, unmap
+    )
+
+
+def _copy_by_status(
+    source: Node, target: Node, offset: int, length: int, granularity: int, unmap: bool
+) -> None:
+    end = offset + length
+    cluster = target.cluster_size or granularity
+    pos = offset
+    while pos < end:
+        try:
+            extent = source.block_status(pos, end - pos)
+        except OSError as e:
+            raise CopyFailed("read", e, pos - offset) from None
+        n = extent.length - extent.length % granularity
+        if (extent.zero and n and not pos % cluster
+                and not (n % cluster and pos + n < target.size)):
+            try:
+                target.zero_sync(pos, n, unmap)
+            except OSError as e:
+                raise CopyFailed("write", e, pos - offset) from None
+            pos += n
+            continue
+        n = min(max(n, granularity), end - pos)
+        try:
+            data = source.read_sync(pos, n)
+        except OSError as e:
+            raise CopyFailed("read", e, pos - offset) from None
+        try:
+            target.write_exact_sync(pos, data if data is not None else bytes(n))
+        except OSError as e:
+            raise CopyFailed("write", e, pos - offset) from None
+        pos += n

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..block.chain import check_commit
 from ..block.drive import drive_backup_job, drive_mirror_job
 from ..block.jobs.backup import backup_job
 from ..block.jobs.blockjob import BlockJob, find_block_job
+from ..block.jobs.commit import commit_job
 from ..block.jobs.mirror import blockdev_mirror_job
 from ..block.jobs.stream import stream_job
 from ..context import Context, handler
@@ -80,8 +80,14 @@ async def block_commit(
     filter_node_name: str | None = None, auto_finalize: bool | None = None,
     auto_dismiss: bool | None = None,
 ) -> None:
-    # Without backing files every commit fails its checks (block/chain.py).
-    check_commit(ctx.graph, device, top=top, top_node=top_node, base=base, base_node=base_node)
+    job = await commit_job(
+        ctx.graph, ctx.jobs, device=device, job_id=job_id, top=top, top_node=top_node,
+        base=base, base_node=base_node, backing_file=backing_file,
+        auto_finalize=True if auto_finalize is None else auto_finalize,
+        auto_dismiss=True if auto_dismiss is None else auto_dismiss,
+        on_error=on_error or "report",
+    )
+    await ctx.jobs.launch(job, speed or 0)
 
 
 # -- the block-job-* verbs -----------------------------------------------------------------

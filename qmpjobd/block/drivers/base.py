@@ -19,6 +19,7 @@ blockdev-add's options; its node class says which of those options change the da
 
 from __future__ import annotations
 
+import errno
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -150,8 +151,34 @@ class Node:
         """`write`, blocking (from a worker thread)."""
         raise NotImplementedError
 
+    def write_exact_sync(self, offset: int, data: bytes) -> None:
+        """DATA written as a guest writes it: zeroes among it are written too, not turned
+        into holes (unless the node detects zeroes). Blocking."""
+        self.write_sync(offset, data, len(data))
+
+    def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """QEMU's write-zeroes: the range reads as zeroes; MAY_UNMAP lets the node free what
+        held it, if it was opened to discard. Blocking."""
+        self.write_sync(offset, None, length)
+
+    def grow_sync(self, size: int) -> None:
+        """Grow to SIZE bytes, the new part reading as zeroes (a commit's base smaller than
+        what is committed into it). Blocking."""
+        raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+
+    @property
+    def cluster_size(self) -> int:
+        """The unit the node allocates in (a format's cluster), or 0 if it has none."""
+        return 0
+
     async def flush(self) -> None:
         """Make written data durable."""
+
+    def reopen(self, read_only: bool) -> None:
+        """Become read-only or read-write, as QEMU reopens a node a job must write (a commit's
+        base, opened read-only as a backing file) and once it is done. Raises BlockError if
+        the node cannot be written. Blocking: a worker thread's."""
+        self.read_only = read_only
 
     def take_write(self) -> None:
         """A job starts writing this node (file nodes take their image's write lock)."""

@@ -192,6 +192,33 @@ class FileNode(Node):
                 _ofd_lock(self.fd, fcntl.F_UNLCK, start)
             self._writer_locked = False
 
+    def reopen(self, read_only: bool) -> None:
+        """A new descriptor of the same file (by /proc/self/fd: the same file even if renamed
+        since) in the new mode, with the locks the old one held."""
+        if read_only == self.read_only:
+            return
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if self.direct:
+            flags |= os.O_DIRECT
+        try:
+            fd = os.open(f"/proc/self/fd/{self.fd}", flags)
+        except OSError as e:
+            raise BlockError(f"Could not reopen file: {e.strerror}") from None
+        shared, writer = self._shared_locked, self._writer_locked
+        # The old description's locks go with it: one description's read lock would be a
+        # conflict for the probe of the other's.
+        old, self.fd = self.fd, fd
+        self._shared_locked = self._writer_locked = False
+        os.close(old)
+        if self._buffered >= 0:
+            os.close(self._buffered)
+            self._buffered = -1
+        self.read_only = read_only
+        if shared:
+            self.take_shared()
+        if writer and not read_only:
+            self.take_write()
+
     # -- I/O: the *_sync methods block and run in worker threads, one hop per request --
 
     def read_sync(self, offset: int, length: int) -> bytes | None:
@@ -235,7 +262,15 @@ class FileNode(Node):
                 self._pwrite(offset + start, view[start:end])
             start = end
 
-    def zero_sync(self, offset: int, length: int) -> None:
+    def grow_sync(self, size: int) -> None:
+        if size > self.file_size:
+            os.ftruncate(self.fd, size)
+            self.grew_to(size)
+
+    def write_exact_sync(self, offset: int, data: bytes) -> None:
+        self._pwrite(offset, memoryview(data))
+
+    def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make [OFFSET, OFFSET+LENGTH) read as zeroes: a hole where there is data."""
         end = min(offset + length, self.file_size)
         if end <= offset or _is_hole(self.fd, offset, end - offset):

@@ -35,8 +35,24 @@ class RawNode(Node):
     def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
         self.file.write_sync(self.offset + offset, data, length)
 
+    def write_exact_sync(self, offset: int, data: bytes) -> None:
+        self.file.write_exact_sync(self.offset + offset, data)
+
+    def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.file.zero_sync(self.offset + offset, length, may_unmap)
+
+    def grow_sync(self, size: int) -> None:
+        if self.offset or "size" in self.options:
+            super().grow_sync(size)
+        self.file.grow_sync(size)
+        self.size = size
+
     async def flush(self) -> None:
         await self.file.flush()
+
+    def reopen(self, read_only: bool) -> None:
+        self.file.reopen(read_only)
+        self.read_only = read_only
 
     def take_write(self) -> None:
         self.file.take_write()

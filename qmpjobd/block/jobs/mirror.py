@@ -49,14 +49,14 @@ class MirrorJob(BlockJob):
         self.should_complete = False
 
     async def run(self) -> None:
-        if self.source.size != self.target.size:
-            raise JobError("Source and target image have different sizes")
+        await self._check_sizes()
         if self.buf_size > _physical_memory():
             # QEMU allocates the buffer when the job starts, and fails there.
             raise JobError("Cannot allocate memory")
         if self.sync != "none":
-            self.progress_total = self.source.size
-            await self._copy()
+            ranges = await self._dirty_ranges()
+            self.progress_total = sum(length for _, length in ranges)
+            await self._copy(ranges)
             # The bytes copied are charged at once; the job keeps its pace before READY. (A
             # wake-up asked for while copying is spent: only one during the wait counts. A
             # cancellation is not: it ends the job at once.)
@@ -69,8 +69,19 @@ class MirrorJob(BlockJob):
         while not self.should_complete:
             await self.sleep_ns(1 << 62)
 
-    async def _copy(self) -> None:
-        size = self.source.size
+    async def _check_sizes(self) -> None:
+        if self.source.size != self.target.size:
+            raise JobError("Source and target image have different sizes")
+
+    async def _dirty_ranges(self) -> list[tuple[int, int]]:
+        """What the job copies, as (offset, length) ranges in order (QEMU's dirty bitmap once
+        initialised): all of the source for a mirror."""
+        return [(0, self.source.size)]
+
+    async def _copy_range(self, offset: int, length: int) -> None:
+        await copy(self.source, self.target, offset, length)
+
+    async def _copy(self, ranges: list[tuple[int, int]]) -> None:
         request = max(self.granularity, min(self.buf_size, max(self.buf_size // 16, MIN_REQUEST)))
         request -= request % self.granularity
         # Requests between files run side by side in worker threads; with a null-co node
@@ -78,7 +89,8 @@ class MirrorJob(BlockJob):
         in_flight = max(1, min(MAX_IN_FLIGHT, self.buf_size // request))
         if not on_host_files(self.source, self.target):
             in_flight = 1
-        todo = [(offset, min(request, size - offset)) for offset in range(0, size, request)]
+        todo = [(offset, min(request, start + length - offset))
+                for start, length in ranges for offset in range(start, start + length, request)]
         todo.reverse()  # taken from the end: the copy goes front to back
         while todo:
             await self.pause_point()
@@ -110,7 +122,7 @@ class MirrorJob(BlockJob):
         self, offset: int, length: int, failures: list[tuple[int, int, CopyFailed]]
     ) -> None:
         try:
-            await copy(self.source, self.target, offset, length)
+            await self._copy_range(offset, length)
         except CopyFailed as failure:
             failures.append((offset, length, failure))
             return

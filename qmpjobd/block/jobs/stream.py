@@ -21,8 +21,7 @@ import trio
 
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
-from ..chain import StreamPlan, allocated_above, plan_stream
-from ..drivers.filenames import filename
+from ..chain import StreamPlan, allocated_above, drop_intermediate, plan_stream
 from ..errors import CopyFailed
 from ..graph import BlockGraph
 from .blockjob import BlockJob, new_job_id
@@ -101,16 +100,7 @@ class StreamJob(BlockJob):
     async def _rebase(self) -> None:
         """The base becomes the node's backing file, in its header and in the graph."""
         plan = self.plan
-        top = plan.top
-        base = plan.base
-        name = fmt = None
-        if base is not None:
-            name = plan.backing_file or filename(base)
-            fmt = base.driver
-        await trio.to_thread.run_sync(top.set_backing_file, name, fmt)
-        with trio.CancelScope(shield=True):
-            for node in self.graph.replace_backing(top, base):
-                await node.close()
+        await drop_intermediate(self.graph, plan.top, plan.base, plan.backing_file)
 
 
 def stream_job(

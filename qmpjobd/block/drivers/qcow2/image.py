@@ -110,6 +110,19 @@ class Qcow2Image:
             self.file.pwrite(_AUTOCLEAR_AT, bytes(8))
             self.file.sync()
 
+    def reopen(self, writable: bool) -> None:
+        """Start or stop writing (a reopen of the node: the file's descriptor has changed to
+        the new mode, `self.file.fd`). Stopping writes everything out first."""
+        with self.lock:
+            if writable == self.writable:
+                return
+            if writable:
+                self._open_for_writing()
+                self.writable = True
+            else:
+                self.close()
+                self.writable = False
+
     def _set_incompatible(self, features: int) -> None:
         self.header.incompatible_features = features
         self.file.pwrite(_INCOMPATIBLE_AT, features.to_bytes(8, "big"))
@@ -288,6 +301,10 @@ class Qcow2Image:
         offset = self.refcounts.alloc(self.cluster_size)
         self.tables.new_l2(offset, array("Q", bytes(self.cluster_size)))
         self.tables.set_l1(l1_index, offset | COPIED)
+        # QEMU writes a new table out at once: the file is that long from now on (what the
+        # file node reports while the image is open), though the table itself waits for the
+        # next flush here.
+        self.file.extend(offset + self.cluster_size)
         return offset
 
     def _write_allocating(self, start: int, stop: int, source: Source) -> None:
@@ -479,6 +496,14 @@ class Qcow2Image:
             self.header.size = self.size = size
             self.file.pwrite(_SIZE_AT, size.to_bytes(8, "big"))
             self.file.sync()
+
+    def grow(self, size: int) -> None:
+        """A larger virtual size: the L1 table grown to cover it (exactly), then the header."""
+        with self.lock:
+            self._before_change()
+            span = self.tables.l2_entries * self.cluster_size
+            self.grow_l1(-(-size // span))
+            self.set_size(size)
 
     def grow_l1(self, entries: int) -> None:
         """An L1 table of ENTRIES entries, in new clusters: the tables are written out, then

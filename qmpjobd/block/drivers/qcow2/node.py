@@ -91,6 +91,38 @@ class Qcow2Node(Node):
             raise self._damaged(e) from None
         self.auto_backing_file = filename
 
+    def reopen(self, read_only: bool) -> None:
+        if read_only == self.read_only:
+            return
+        host = self.image.file
+        if read_only:
+            try:
+                self.image.reopen(writable=False)
+            except Qcow2Error as e:
+                raise self._damaged(e) from None
+            self.file.drop_write()
+            self.file.reopen(True)
+            self.file.take_shared()
+            host.fd = self.file.fd
+        else:
+            self.file.reopen(False)
+            host.fd = self.file.fd
+            if host.log is None:
+                host.log = open_write_log(self.file.filename)
+            try:
+                self.file.take_write()
+                self.image.reopen(writable=True)
+            except (BlockError, Qcow2Error) as e:
+                self.file.drop_write()
+                self.file.reopen(True)
+                self.file.take_shared()
+                host.fd = self.file.fd
+                if isinstance(e, Qcow2Error):
+                    raise BlockError(f"Image '{self.file.filename}' (node '{self.name}'): "
+                                     f"{e}") from None
+                raise
+        self.read_only = read_only
+
     # -- I/O -------------------------------------------------------------------------------
 
     def _damaged(self, error: Qcow2Error) -> OSError:
@@ -121,6 +153,27 @@ class Qcow2Node(Node):
 
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
         await trio.to_thread.run_sync(self.write_sync, offset, data, length)
+
+    def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        try:
+            self.image.zero(offset, length, may_unmap=may_unmap and self.discard)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+
+    @property
+    def cluster_size(self) -> int:
+        return self.image.cluster_size
+
+    def grow_sync(self, size: int) -> None:
+        old = self.size
+        try:
+            self.image.grow(size)
+            if self.backing is not None and self.backing.size > old:
+                # What the backing file holds past the old end must not show through.
+                self.image.zero(old, size - old)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+        self.size = size
 
     async def flush(self) -> None:
         if not self.read_only:
@@ -268,7 +321,7 @@ async def open_qcow2(
             raise BlockError(f"Image '{child.filename}' (node '{name}'): {e}") from None
         node = Qcow2Node(name, child, image, read_only=read_only,
                          detect_zeroes=options.get("detect-zeroes", "off"),
-                         discard=options.get("discard", "ignore") == "unmap")
+                         discard=options.get("discard", inherited.get("discard")) == "unmap")
         child.monitor_owned = not inline
         if inline:
             child.owner = node
@@ -295,7 +348,7 @@ async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any]
         elif isinstance(ref, str):
             node.attach_backing(opener.lookup(ref))
         else:
-            below = await opener.open_child(node.name, ref, {"read-only": True, "cache": cache})
+            below = await opener.open_child(node.name, ref, _backing_inherits(cache, {}))
             below.monitor_owned = False
             below.owner = node
             node.attach_backing(below)
@@ -316,13 +369,19 @@ async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any]
     below_options = {"driver": fmt, "file": {"driver": "file", "filename": named}}
     try:
         below = await opener.open_child(
-            node.name, below_options, {"read-only": True, "cache": cache, "qcow2-chain": chain})
+            node.name, below_options, _backing_inherits(cache, {"qcow2-chain": chain}))
     except BlockError as e:
         raise BlockError(f"Could not open backing file: {e}") from None
     below.monitor_owned = False
     below.owner = node
     node.attach_backing(below)
     node.auto_backing_file = filename(below)
+
+
+def _backing_inherits(cache: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """What a backing node opened by its overlay inherits: read-only, the cache mode, and
+    discard=unmap (QEMU lets lower layers free clusters, the top deciding when to ask)."""
+    return {"read-only": True, "cache": cache, "discard": "unmap", **extra}
 
 
 async def create_qcow2(opener: Opener, options: dict[str, Any]) -> None:
