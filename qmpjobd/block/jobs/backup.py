@@ -2,8 +2,9 @@
 
 The first chunk goes at once; after each chunk the job charges the bytes to its rate limit and
 sleeps as long as the speed asks, which is also where pause and cancel take effect (without a
-speed a step is 64 MiB: datapath.py copies it in one worker-thread call). sync=full and top
-copy everything (no driver here has backing files); sync=none copies nothing and keeps the job
+speed a step is 64 MiB: datapath.py copies it in one worker-thread call). sync=full copies
+everything, sync=top what the source's own layer holds (all of it for a node without a backing
+file); sync=none copies nothing and keeps the job
 running until it is cancelled. A chunk that fails is passed over and retried
 in the next pass, as the error policy says (blockjob.py).
 """
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
-from ..datapath import copy
+from ..datapath import copy, copy_by_status
 from ..drivers.base import Node
 from ..errors import BlockError, CopyFailed
 from ..graph import BlockGraph
 from .blockjob import BlockJob, dirty_bitmap, new_job_id
+from .mirror import allocated_ranges
 
 CLUSTER = 65536
 DEFAULT_CHUNK = 1 << 20
@@ -58,6 +62,13 @@ class BackupJob(BlockJob):
         # pass, and the pass goes on with the rest, as QEMU's backup does: its progress counts
         # the chunks that were copied, and the first error is acted on once the pass is over.
         todo = [(0, self.progress_total)]
+        if self.sync == "top" and self.source.backing is not None:
+            # Only what the source's own layer holds, in whole clusters (QEMU drops the rest
+            # from its copy bitmap, and from the job's length, as it goes).
+            todo = [(start, start + length) for start, length in await trio.to_thread.run_sync(
+                allocated_ranges, self.source, self.source,
+                max(CLUSTER, self.target.cluster_size))]
+            self.progress_total = sum(end - start for start, end in todo)
         while todo:
             failed: list[tuple[int, int]] = []
             first: CopyFailed | None = None
@@ -99,7 +110,14 @@ class BackupJob(BlockJob):
         length = min(step, self.source.size - offset)
         self.io_begin()
         try:
-            await copy(self.source, self.target, offset, length)
+            if not (self.source.cluster_size or self.target.cluster_size):
+                await copy(self.source, self.target, offset, length)
+            else:
+                # QEMU's block-copy: by the source's block status, in clusters of at least
+                # 64 KiB (the target's, if larger); zeroes are written as zeroes.
+                await copy_by_status(
+                    self.source, self.target, offset, length,
+                    granularity=max(CLUSTER, self.target.cluster_size), unmap=False)
         finally:
             self.io_end()
 

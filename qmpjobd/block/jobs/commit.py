@@ -32,7 +32,7 @@ from ..drivers.base import Node
 from ..errors import CopyFailed
 from ..graph import BlockGraph
 from .blockjob import BlockJob, new_job_id
-from .mirror import MirrorJob
+from .mirror import MirrorJob, allocated_ranges, bitmap_granularity
 
 # QEMU's COMMIT_BUFFER_SIZE.
 CHUNK = 512 << 10
@@ -113,43 +113,19 @@ class ActiveCommitJob(MirrorJob):
 
     def __init__(self, job_id: str, emit: Emit, plan: CommitPlan, **options: Any) -> None:
         super().__init__(job_id, emit, plan.top, plan.base, sync="full",
-                         granularity=_bitmap_granularity(plan.base), buf_size=0, **options)
+                         granularity=bitmap_granularity(plan.base), buf_size=0, **options)
         self.plan = plan
 
     async def _check_sizes(self) -> None:
         await _grow_base(self.plan.top, self.plan.base)
 
     async def _dirty_ranges(self) -> list[tuple[int, int]]:
-        return await trio.to_thread.run_sync(self._allocated_ranges)
-
-    def _allocated_ranges(self) -> list[tuple[int, int]]:
-        """What the layers above the base hold, in whole pieces of the granularity (QEMU's
-        dirty bitmap, initialised)."""
-        top, overlay, unit = self.plan.top, self.plan.base_overlay, self.granularity
-        ranges: list[tuple[int, int]] = []
-        offset = 0
-        while offset < top.size:
-            held, n = allocated_above(top, overlay, offset, top.size - offset)
-            if held:
-                start = offset - offset % unit
-                end = min(-(-(offset + n) // unit) * unit, top.size)
-                if ranges and ranges[-1][0] + ranges[-1][1] >= start:
-                    start = ranges[-1][0]
-                    ranges.pop()
-                ranges.append((start, end - start))
-            offset += n
-        return ranges
+        return await trio.to_thread.run_sync(
+            allocated_ranges, self.plan.top, self.plan.base_overlay, self.granularity)
 
     async def _copy_range(self, offset: int, length: int) -> None:
         await copy_by_status(self.source, self.target, offset, length,
                              granularity=self.granularity, unmap=True)
-
-
-def _bitmap_granularity(node: Node) -> int:
-    """QEMU's default dirty bitmap granularity for a node: its cluster size, kept within
-    4 KiB to 64 KiB; 64 KiB for a node without clusters."""
-    cluster = node.cluster_size
-    return min(max(cluster, 4096), 65536) if cluster else 65536
 
 
 async def _grow_base(top: Node, base: Node) -> None:

@@ -17,7 +17,8 @@ from ...jobs.errors import JobError
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
 from ...jobs.status import JobStatus
-from ..datapath import copy, on_host_files
+from ..chain import allocated_above
+from ..datapath import copy, copy_by_status, on_host_files
 from ..drivers.base import Node
 from ..errors import BlockError, CopyFailed
 from ..graph import BlockGraph
@@ -44,7 +45,7 @@ class MirrorJob(BlockJob):
     ) -> None:
         super().__init__(job_id, emit, source, target, **options)
         self.sync = sync
-        self.granularity = granularity or 65536
+        self.granularity = granularity or bitmap_granularity(target)
         self.buf_size = buf_size or DEFAULT_BUF_SIZE
         self.should_complete = False
 
@@ -75,11 +76,21 @@ class MirrorJob(BlockJob):
 
     async def _dirty_ranges(self) -> list[tuple[int, int]]:
         """What the job copies, as (offset, length) ranges in order (QEMU's dirty bitmap once
-        initialised): all of the source for a mirror."""
-        return [(0, self.source.size)]
+        initialised): all of the source (sync full: QEMU's blockdev-mirror zeroes the target
+        first, and a target that does not discard gets that by a copy of everything), or what
+        the source's own layer holds (top)."""
+        source = self.source
+        if self.sync != "top":
+            return [(0, source.size)]
+        return await trio.to_thread.run_sync(
+            allocated_ranges, source, source, self.granularity)
 
     async def _copy_range(self, offset: int, length: int) -> None:
-        await copy(self.source, self.target, offset, length)
+        if not (self.source.cluster_size or self.target.cluster_size):
+            await copy(self.source, self.target, offset, length)
+        else:
+            await copy_by_status(self.source, self.target, offset, length,
+                                 granularity=self.granularity, unmap=True)
 
     async def _copy(self, ranges: list[tuple[int, int]]) -> None:
         request = max(self.granularity, min(self.buf_size, max(self.buf_size // 16, MIN_REQUEST)))
@@ -152,6 +163,32 @@ class MirrorJob(BlockJob):
     def reports_paused(self) -> bool:
         # QSD shows a mirror that has finished its work as paused.
         return self.pause_count > 0 or self.status == JobStatus.PENDING
+
+
+def bitmap_granularity(node: Node) -> int:
+    """QEMU's default dirty bitmap granularity for a target: its cluster size, kept within
+    4 KiB to 64 KiB; 64 KiB for a node without clusters."""
+    cluster = node.cluster_size
+    return min(max(cluster, 4096), 65536) if cluster else 65536
+
+
+def allocated_ranges(top: Node, bottom: Node, unit: int) -> list[tuple[int, int]]:
+    """What the layers from TOP down to BOTTOM hold, in whole pieces of UNIT, as (offset,
+    length) in order: QEMU's dirty bitmap of a mirror or active commit, once initialised, and
+    the copy bitmap of a backup with sync=top. Blocking."""
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    while offset < top.size:
+        held, n = allocated_above(top, bottom, offset, top.size - offset)
+        if held:
+            start = offset - offset % unit
+            end = min(-(-(offset + n) // unit) * unit, top.size)
+            if ranges and ranges[-1][0] + ranges[-1][1] >= start:
+                start = ranges[-1][0]
+                ranges.pop()
+            ranges.append((start, end - start))
+        offset += n
+    return ranges
 
 
 def blockdev_mirror_job(

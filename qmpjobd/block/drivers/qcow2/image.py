@@ -213,18 +213,20 @@ class Qcow2Image:
     def _status(self, offset: int, length: int) -> tuple[int, Kind, int | None]:
         cluster = self.cluster_size
         tables = self.tables
-        end = min(offset + length, self.size)
+        # As QEMU's: one answer never goes past the range of the L2 table it starts in (with
+        # 512-byte clusters, 32 KiB; jobs then copy such short runs as data, as QEMU's do).
+        span = tables.l2_entries * cluster
+        end = min(offset + length, self.size, offset - offset % span + span)
         first = tables.lookup(offset)
         host = first.host + offset % cluster if first.kind is Kind.NORMAL else None
         position = offset - offset % cluster + cluster
-        span = tables.l2_entries * cluster
         while position < end:
             if first.kind is Kind.UNALLOCATED:
-                # A range with no L2 table is unallocated all through: skip it in one step.
+                # A range with no L2 table is unallocated all through.
                 l1_index = position // span
                 if l1_index >= len(tables.l1) or not tables.l1[l1_index] & OFFSET_MASK:
-                    position = (l1_index + 1) * span
-                    continue
+                    position = end
+                    break
             mapping = tables.lookup(position)
             if mapping.kind is not first.kind:
                 break
