@@ -360,24 +360,29 @@ def test_block_commit_refused(talk: Conversation) -> None:
 # -- blockdev-backup and blockdev-mirror --------------------------------------------------------
 
 TARGETS = {
-    # An empty image of 16 KiB clusters, and one of 2 MiB clusters (larger than a backup's).
+    # An empty image of 16 KiB clusters, one of 2 MiB clusters (larger than a backup's), and a
+    # raw file.
     "small": "qemu-img create -q -f qcow2 -o cluster_size=16k t.qcow2 4M",
     "large": "qemu-img create -q -f qcow2 -o cluster_size=2M t.qcow2 4M",
+    "raw": "qemu-img create -q -f raw t.raw 4M",
 }
 
 
 @pytest.mark.parametrize("job", ["blockdev-backup", "blockdev-mirror"])
 @pytest.mark.parametrize(("chain", "sync", "target"), [
     ("three", "full", "small"), ("three", "top", "small"), ("three", "full", "large"),
-    ("four", "full", "small"), ("four", "top", "large"),
+    ("four", "full", "small"), ("four", "top", "large"), ("three", "full", "raw"),
+    ("four", "top", "raw"),
 ])
-def test_copy_from_chain_into_qcow2(talk: Conversation, job: str, chain: str, sync: str,
+def test_copy_from_chain(talk: Conversation, job: str, chain: str, sync: str,
                                     target: str) -> None:
     build(talk, chain)
     for side in talk.sides:
         shell(side, TARGETS[target])
     talk.cmd("blockdev-add", top())
-    talk.cmd("blockdev-add", top("t", "t.qcow2"))
+    image = "t.raw" if target == "raw" else "t.qcow2"
+    talk.cmd("blockdev-add", {"driver": "raw", "node-name": "t", "file": {
+        "driver": "file", "filename": "DIR/t.raw"}} if target == "raw" else top("t", image))
     assert talk.cmd(job, {"job-id": "j", "device": "top", "target": "t", "sync": sync}) == {
         "return": {}}
     if job == "blockdev-mirror":
@@ -390,9 +395,10 @@ def test_copy_from_chain_into_qcow2(talk: Conversation, job: str, chain: str, sy
     talk.nodes(file_sizes=False)
     talk.cmd("blockdev-del", {"node-name": "top"})
     talk.cmd("blockdev-del", {"node-name": "t"})
-    talk.images("t.qcow2")
+    talk.images(image)
     if sync == "full":  # the whole chain's data, in one image
         for side in talk.sides:
-            subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2",
-                            str(side.dir / "top.qcow2"), str(side.dir / "t.qcow2")],
+            subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F",
+                            "raw" if target == "raw" else "qcow2",
+                            str(side.dir / "top.qcow2"), str(side.dir / image)],
                            check=True, capture_output=True)
