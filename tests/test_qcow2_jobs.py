@@ -402,3 +402,42 @@ def test_copy_from_chain(talk: Conversation, job: str, chain: str, sync: str,
                             "raw" if target == "raw" else "qcow2",
                             str(side.dir / "top.qcow2"), str(side.dir / image)],
                            check=True, capture_output=True)
+
+
+# -- a long chain -------------------------------------------------------------------------------
+
+LONG_CHAIN = """
+    qemu-img create -q -f qcow2 -o cluster_size=4096 c0.qcow2 4M
+    qemu-io -c 'write -P 1 0 64k' c0.qcow2
+    for i in $(seq 1 63); do
+        qemu-img create -q -f qcow2 -o cluster_size=4096 -b c$((i-1)).qcow2 -F qcow2 c$i.qcow2 4M
+        qemu-io -c "write -P $((i+1)) $((i*60))k 5000" c$i.qcow2 >/dev/null
+    done
+    qemu-img create -q -f raw t.raw 4M
+"""
+
+
+def test_chain_of_64_images(talk: Conversation) -> None:
+    """A chain 64 images deep opens from its headers, reads as qemu-img reads it (a backup of
+    it equals the chain), and is described as QSD describes it; then it streams into its top."""
+    for side in talk.sides:
+        shell(side, LONG_CHAIN)
+    talk.cmd("blockdev-add", top("top", "c63.qcow2"))
+    talk.cmd("blockdev-add", {"driver": "raw", "node-name": "t", "file": {
+        "driver": "file", "filename": "DIR/t.raw"}})
+    talk.cmd("blockdev-backup", {"job-id": "b", "device": "top", "target": "t", "sync": "full"})
+    talk.wait("b", "null")
+    talk.events(pauses=False)
+    [node] = [n for n in talk.nodes() if n["node-name"] == "top"]
+    assert node["backing_file_depth"] == 63
+    for side in talk.sides:
+        subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw",
+                        str(side.dir / "c63.qcow2"), str(side.dir / "t.raw")],
+                       check=True, capture_output=True)
+    talk.cmd("blockdev-del", {"node-name": "t"})
+    talk.cmd("block-stream", {"job-id": "s", "device": "top", "base": "c0.qcow2"})
+    talk.wait("s", "null")
+    talk.events()
+    talk.nodes()
+    talk.cmd("blockdev-del", {"node-name": "top"})
+    talk.images("c63.qcow2", "c0.qcow2")
