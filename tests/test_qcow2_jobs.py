@@ -441,3 +441,31 @@ def test_chain_of_64_images(talk: Conversation) -> None:
     talk.nodes()
     talk.cmd("blockdev-del", {"node-name": "top"})
     talk.images("c63.qcow2", "c0.qcow2")
+
+
+def test_backup_compress(talk: Conversation) -> None:
+    """compress: true. Into a raw file both daemons refuse it with QEMU's words; into a qcow2
+    image QSD writes compressed clusters, qmpjobd refuses it (docs/compat.md), the image
+    untouched."""
+    for side in talk.sides:
+        shell(side, "qemu-img create -q -f raw s.raw 1M; qemu-img create -q -f raw r.raw 1M;"
+                    "qemu-img create -q -f qcow2 t.qcow2 1M")
+    talk.cmd("blockdev-add", {"driver": "raw", "node-name": "s", "file": {
+        "driver": "file", "filename": "DIR/s.raw"}})
+    talk.cmd("blockdev-add", {"driver": "raw", "node-name": "r", "file": {
+        "driver": "file", "filename": "DIR/r.raw"}})
+    talk.cmd("blockdev-add", top("t", "t.qcow2"))
+    assert "error" in talk.cmd("blockdev-backup", {
+        "job-id": "j", "device": "s", "target": "r", "sync": "full", "compress": True})
+    ours = talk.sides[1]
+    before = (ours.dir / "t.qcow2").read_bytes()
+    reply = ours.conn.execute("blockdev-backup", {
+        "job-id": "j", "device": "s", "target": "t", "sync": "full", "compress": True})
+    assert reply == {"error": {"class": "GenericError", "desc": (
+        "qmpjobd does not write compressed clusters: backup 'compress' into node 't' is not "
+        "supported")}}
+    assert ours.conn.execute("query-jobs") == {"return": []}
+    assert (ours.dir / "t.qcow2").read_bytes() == before
+    talk.cmd("blockdev-del", {"node-name": "t"})
+    talk.cmd("blockdev-del", {"node-name": "r"})
+    talk.cmd("blockdev-del", {"node-name": "s"})

@@ -133,6 +133,12 @@ def backup_job(
         target = graph.lookup(args["target"])
     if source is target:
         raise BlockError("Source and target cannot be the same")
+    if args.get("compress"):
+        if not target.cluster_size:
+            # QEMU's words, with the device name its nodes do not have.
+            raise BlockError("Compression is not supported for this drive ")
+        raise BlockError("qmpjobd does not write compressed clusters: backup 'compress' into "
+                         f"node '{target.name}' is not supported")
     source.check_backup_source()
     target.check_target()
     perf = args.get("x-perf", {})
