@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
+
+import trio
 
 from ...jobs.errors import DeviceNotActive
 from ...jobs.job import Emit, Job
@@ -85,6 +88,35 @@ class BlockJob(Job):
         """Before retrying a failed request: the pause for 'ignore', the pause point (where a
         stopped job waits for job-resume, or notices its cancellation) for both."""
         await self.sleep_ns(IGNORED_ERROR_RETRY_NS if action == "ignore" else 0)
+
+    async def walk(self, size: int, step: Callable[[int], tuple[int, bool]]) -> None:
+        """QEMU 7.2's stream and commit loop over [0, SIZE): STEP(offset), in a worker thread,
+        handles the piece at offset and says how long it was and whether it was copied.
+        Progress counts every piece, the speed only copied ones; one sleep per piece, for the
+        delay the last copy asked (a pause or a speed change ends it early, and the walk goes
+        on from there). A failed piece is tried again as the error policy says."""
+        self.progress_total = size
+        offset = delay = 0
+        while offset < size:
+            await self.sleep_ns(delay)
+            try:
+                n, copied = await self._io(step, offset)
+            except CopyFailed as failure:
+                action = self.io_failed(failure)
+                if action == "report":
+                    raise failure.error from None
+                await self.retry_after(action)
+                continue
+            offset += n
+            self.progress_current += n
+            delay = self.limit.delay_ns(n) if copied else 0
+
+    async def _io(self, step: Callable[[int], tuple[int, bool]], offset: int) -> tuple[int, bool]:
+        self.io_begin()
+        try:
+            return await trio.to_thread.run_sync(step, offset)
+        finally:
+            self.io_end()
 
     def user_resume(self) -> None:
         super().user_resume()

@@ -54,7 +54,7 @@ class CommitJob(BlockJob):
         plan = self.plan
         try:
             await _grow_base(plan.top, plan.base)
-            await self._merge()
+            await self.walk(plan.top.size, self._step_sync)
             if not self.is_cancelled:
                 assert plan.overlay is not None
                 await drop_intermediate(self.graph, plan.overlay, plan.base, plan.backing_file)
@@ -62,32 +62,6 @@ class CommitJob(BlockJob):
             if self.base_reopened:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(plan.base.reopen, True)
-
-    async def _merge(self) -> None:
-        size = self.progress_total = self.plan.top.size
-        offset = delay = 0
-        while offset < size:
-            # As QEMU 7.2's commit: one sleep per piece, for the delay the last copy asked.
-            await self.sleep_ns(delay)
-            try:
-                n, copied = await self._step(offset)
-            except CopyFailed as failure:
-                action = self.io_failed(failure)
-                if action == "report":
-                    raise failure.error from None
-                await self.retry_after(action)
-                continue
-            offset += n
-            self.progress_current += n
-            delay = self.limit.delay_ns(n) if copied else 0
-
-    async def _step(self, offset: int) -> tuple[int, bool]:
-        """Commit the piece at OFFSET: (its length, whether it was copied)."""
-        self.io_begin()
-        try:
-            return await trio.to_thread.run_sync(self._step_sync, offset)
-        finally:
-            self.io_end()
 
     def _step_sync(self, offset: int) -> tuple[int, bool]:
         plan = self.plan

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
 from ..chain import StreamPlan, allocated_above, drop_intermediate, plan_stream
@@ -47,33 +45,9 @@ class StreamJob(BlockJob):
         plan = self.plan
         top = plan.top
         if top is not plan.base_overlay:
-            self.progress_total = top.size
-            offset = delay = 0
-            while offset < top.size:
-                # As QEMU 7.2's stream: one sleep per piece, for the delay the last copy asked;
-                # a pause or a speed change ends it early, and the walk goes on from there.
-                await self.sleep_ns(delay)
-                try:
-                    n, copied = await self._step(offset)
-                except CopyFailed as failure:
-                    action = self.io_failed(failure)
-                    if action == "report":
-                        raise failure.error from None
-                    await self.retry_after(action)
-                    continue
-                offset += n
-                self.progress_current += n
-                delay = self.limit.delay_ns(n) if copied else 0
+            await self.walk(top.size, self._step_sync)
         if top.backing is not None:
             await self._rebase()
-
-    async def _step(self, offset: int) -> tuple[int, bool]:
-        """Stream the piece at OFFSET: (its length, whether it was copied)."""
-        self.io_begin()
-        try:
-            return await trio.to_thread.run_sync(self._step_sync, offset)
-        finally:
-            self.io_end()
 
     def _step_sync(self, offset: int) -> tuple[int, bool]:
         top = self.plan.top

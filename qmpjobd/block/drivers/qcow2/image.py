@@ -26,6 +26,7 @@ import struct
 import threading
 import zlib
 from array import array
+from collections.abc import Iterator
 from typing import Final, Protocol
 
 from . import header as hdr
@@ -406,12 +407,7 @@ class Qcow2Image:
         if self.header.version < 3:
             self._discard_clusters(start, end)
             return
-        cluster = self.cluster_size
-        position = start
-        while position < end:
-            l2_offset = self._table_for_write(position)
-            index = (position // cluster) % self.tables.l2_entries
-            entry = self.tables.l2(l2_offset)[index]
+        for l2_offset, index, entry in self._entries_for_write(start, end):
             mapping = self._meaning(entry)
             unmap = mapping.kind is Kind.COMPRESSED or (
                 may_unmap and mapping.kind in (Kind.NORMAL, Kind.ZERO) and bool(mapping.host))
@@ -420,7 +416,6 @@ class Qcow2Image:
                 self.tables.set_entry(l2_offset, index, new)
                 if unmap:
                     self._free_entry(entry)
-            position += cluster
 
     def discard(self, offset: int, length: int) -> None:
         """Drop whole clusters (a part of one is ignored, as QEMU does): they read as zeroes
@@ -438,12 +433,7 @@ class Qcow2Image:
                 self._discard_clusters(start, end)
 
     def _discard_clusters(self, start: int, end: int) -> None:
-        cluster = self.cluster_size
-        position = start
-        while position < end:
-            l2_offset = self._table_for_write(position)
-            index = (position // cluster) % self.tables.l2_entries
-            entry = self.tables.l2(l2_offset)[index]
+        for l2_offset, index, entry in self._entries_for_write(start, end):
             mapping = self._meaning(entry)
             new = entry
             if self.backing is not None or mapping.kind is not Kind.UNALLOCATED:
@@ -451,7 +441,15 @@ class Qcow2Image:
             if new != entry:
                 self.tables.set_entry(l2_offset, index, new)
                 self._free_entry(entry)
-            position += cluster
+
+    def _entries_for_write(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(L2 table offset, index, entry) of each cluster of [START, END), its table
+        allocated if it had none; read as each is reached, after the changes to those before."""
+        cluster = self.cluster_size
+        for position in range(start, end, cluster):
+            l2_offset = self._table_for_write(position)
+            index = (position // cluster) % self.tables.l2_entries
+            yield l2_offset, index, self.tables.l2(l2_offset)[index]
 
     # -- making it durable -----------------------------------------------------------------
 
