@@ -469,3 +469,144 @@ def test_backup_compress(talk: Conversation) -> None:
     talk.cmd("blockdev-del", {"node-name": "t"})
     talk.cmd("blockdev-del", {"node-name": "r"})
     talk.cmd("blockdev-del", {"node-name": "s"})
+
+
+# -- drive-backup and drive-mirror: targets they make or open ------------------------------------
+
+# An existing image for mode=existing: backed by the chain's middle image, with data of its own.
+EXISTING = {
+    "three": "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 ex.qcow2 4M;"
+             "qemu-io -c 'write -P 7 0 128k' -c 'write -P 8 3M 64k' ex.qcow2 >/dev/null",
+    "four": "qemu-img create -q -f qcow2 -o cluster_size=16k -b m2.qcow2 -F qcow2 ex.qcow2 4M;"
+            "qemu-io -c 'write -P 7 1M 128k' ex.qcow2 >/dev/null",
+}
+
+
+@pytest.mark.parametrize(("chain", "sync", "mode", "fmt"), [
+    ("three", "full", "absolute-paths", "qcow2"),
+    ("three", "top", "absolute-paths", None),  # the source's format
+    ("four", "top", "absolute-paths", "qcow2"),
+    ("four", "full", "existing", "qcow2"),
+    ("three", "top", "existing", None),  # probed
+    ("three", "none", "absolute-paths", "qcow2"),
+    ("four", "none", "existing", "qcow2"),
+])
+def test_drive_backup_qcow2(talk: Conversation, chain: str, sync: str, mode: str,
+                            fmt: str | None) -> None:
+    """drive-backup makes its target as QEMU does (the source's backing file named in the new
+    image for sync=top, the source itself for sync=none, attached as the target's backing
+    node) or opens the one there is, and copies what sync asks."""
+    build(talk, chain)
+    target = "ex.qcow2" if mode == "existing" else "new.qcow2"
+    if mode == "existing":
+        for side in talk.sides:
+            shell(side, EXISTING[chain])
+    talk.cmd("blockdev-add", top())
+    format_arg = {"format": fmt} if fmt else {}
+    assert talk.cmd("drive-backup", {
+        "job-id": "b", "device": "top", "sync": sync, "mode": mode, "target": f"DIR/{target}",
+        "auto-dismiss": False, **format_arg}) == {"return": {}}
+    if sync == "none":  # runs until cancelled: the target is seen while it runs
+        talk.wait("b", "running")
+        talk.nodes(file_sizes=False)
+        talk.cmd("job-cancel", {"id": "b"})
+    talk.wait("b", "concluded")
+    talk.cmd("job-dismiss", {"id": "b"})
+    events = talk.events(pauses=False)
+    assert events[-3]["event"] == ("BLOCK_JOB_CANCELLED" if sync == "none"
+                                   else "BLOCK_JOB_COMPLETED")
+    talk.nodes()  # the target closed, the source's chain as it was
+    talk.cmd("blockdev-del", {"node-name": "top"})
+    talk.images(target, *IMAGES[chain])
+    if sync != "none" and mode != "existing":  # the target reads as the source
+        for side in talk.sides:
+            subprocess.run(["qemu-img", "compare", str(side.dir / "top.qcow2"),
+                            str(side.dir / target)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(("chain", "sync", "mode", "end"), [
+    ("three", "full", "absolute-paths", "job-complete"),
+    ("three", "top", "absolute-paths", "job-complete"),
+    ("four", "top", "absolute-paths", "block-job-cancel"),
+    ("three", "none", "absolute-paths", "job-complete"),
+    ("three", "top", "existing", "job-complete"),
+    ("four", "full", "existing", "job-cancel"),
+])
+def test_drive_mirror_qcow2(talk: Conversation, chain: str, sync: str, mode: str,
+                            end: str) -> None:
+    """drive-mirror into a new qcow2 image (with the source's backing file for sync=top and
+    none) or an existing one (sync=full copies all of the source over what it holds): the
+    target opened without its backing file, what is copied, and the images after."""
+    build(talk, chain)
+    target = "ex.qcow2" if mode == "existing" else "new.qcow2"
+    if mode == "existing":
+        for side in talk.sides:
+            shell(side, EXISTING[chain])
+    talk.cmd("blockdev-add", top())
+    assert talk.cmd("drive-mirror", {
+        "job-id": "m", "device": "top", "sync": sync, "mode": mode, "format": "qcow2",
+        "target": f"DIR/{target}"}) == {"return": {}}
+    talk.wait("m", "ready")
+    talk.cmd("query-block-jobs")
+    talk.nodes(file_sizes=False)
+    talk.cmd(end, {"device": "m"} if end == "block-job-cancel" else {"id": "m"})
+    talk.wait("m", "null")
+    talk.events()
+    talk.nodes()
+    talk.cmd("blockdev-del", {"node-name": "top"})
+    if sync != "none":
+        talk.images(target, *IMAGES[chain])
+    else:  # the new image is empty; it names the source as its backing file
+        talk.images(*IMAGES[chain])
+        for side in talk.sides:
+            info = json.loads(shell(side, f"qemu-img info -U --output=json {target}"))
+            assert info["backing-filename"] == str(side.dir / "top.qcow2")
+
+
+def test_drive_targets_refused(talk: Conversation) -> None:
+    """What the formats cannot do, with QEMU's words; nothing left running."""
+    build(talk, "three")
+    for side in talk.sides:
+        shell(side, "qemu-img create -q -f raw r.raw 4M")
+    talk.cmd("blockdev-add", top())
+    for command, arguments in (
+        ("drive-backup", {"sync": "top", "format": "raw", "target": "DIR/x.raw"}),
+        ("drive-backup", {"sync": "none", "format": "raw", "target": "DIR/x.raw"}),
+        ("drive-backup", {"sync": "none", "format": "raw", "target": "DIR/r.raw",
+                          "mode": "existing"}),
+        ("drive-backup", {"sync": "full", "format": "qcow2", "target": "DIR/no/x.qcow2"}),
+        ("drive-mirror", {"sync": "top", "format": "raw", "target": "DIR/x.raw"}),
+        ("drive-mirror", {"sync": "full", "format": "qcow2", "target": "DIR/none.qcow2",
+                          "mode": "existing"}),
+    ):
+        talk.cmd(command, {"job-id": "j", "device": "top", **arguments})
+    talk.cmd("query-jobs")
+    talk.nodes()
+    talk.cmd("blockdev-del", {"node-name": "top"})
+
+
+@pytest.mark.parametrize("target", ["small", "raw"])
+def test_mirror_full_zeroes_a_discarding_target(talk: Conversation, target: str) -> None:
+    """blockdev-mirror sync=full into a node opened with discard=unmap that holds data: the
+    target is zeroed (its space freed) first, then what the source's chain holds is copied;
+    without discard everything is copied."""
+    build(talk, "four")  # a qcow2 base: parts of the chain hold nothing
+    image = "t.raw" if target == "raw" else "t.qcow2"
+    for side in talk.sides:
+        shell(side, TARGETS[target])
+        shell(side, f"qemu-io -f {'raw' if target == 'raw' else 'qcow2'} "
+                    f"-c 'write -P 9 0 4M' {image} >/dev/null")
+    talk.cmd("blockdev-add", top())
+    file = {"driver": "file", "filename": f"DIR/{image}"}
+    talk.cmd("blockdev-add", {"driver": "raw", "node-name": "t", "discard": "unmap", "file": file}
+             if target == "raw" else top("t", image, discard="unmap"))
+    assert talk.cmd("blockdev-mirror", {"job-id": "j", "device": "top", "target": "t",
+                                        "sync": "full"}) == {"return": {}}
+    talk.wait("j", "ready")
+    talk.cmd("query-block-jobs")
+    talk.cmd("job-complete", {"id": "j"})
+    talk.wait("j", "null")
+    talk.events()
+    talk.cmd("blockdev-del", {"node-name": "top"})
+    talk.cmd("blockdev-del", {"node-name": "t"})
+    talk.images(image)

@@ -161,7 +161,13 @@ class BlockGraph:
         self._internal[node] = job
 
     def remove_internal(self, node: Node) -> None:
+        """The daemon lets go of NODE: it is no longer its children's parent (a backing node
+        it was given, the nodes it owns)."""
         self._internal.pop(node, None)
+        for parent in (node, *node.owned()):
+            for child in parent.children():
+                if parent in child.parents:
+                    child.parents.remove(parent)
 
     def internal_nodes(self) -> list[Node]:
         """The daemon's own nodes whose job has not finished, with their children."""

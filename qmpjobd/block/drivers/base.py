@@ -63,10 +63,11 @@ class Node:
     # What the driver is: its name, the options that change the data (QEMU's strong runtime
     # options, besides driver and filename: a node opened with one is described by a "json:"
     # file name), and whether it is opened over the host itself rather than over another node
-    # (QEMU's protocol drivers).
+    # (QEMU's protocol drivers), and whether its images can name a backing file.
     driver: ClassVar[str] = ""
     strong_options: ClassVar[tuple[str, ...]] = ()
     is_protocol: ClassVar[bool] = False
+    takes_backing: ClassVar[bool] = False
 
     def __init__(self, name: str, size: int, read_only: bool = False) -> None:
         self.name = name
@@ -155,6 +156,11 @@ class Node:
         """DATA written as a guest writes it: zeroes among it are written too, not turned
         into holes (unless the node detects zeroes). Blocking."""
         self.write_sync(offset, data, len(data))
+
+    def can_zero_with_unmap(self) -> bool:
+        """Whether zero writes may free the space they cover (QEMU's
+        bdrv_can_write_zeroes_with_unmap: opened with discard=unmap, and the driver can)."""
+        return False
 
     def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """QEMU's write-zeroes: the range reads as zeroes; MAY_UNMAP lets the node free what
@@ -282,6 +288,10 @@ OpenNode = Callable[[Opener, str, dict[str, Any], dict[str, Any]], Awaitable[Nod
 # blockdev-create's options for the driver -> the image made, with the graph's view for the
 # nodes the options name (a format's `file`).
 CreateImage = Callable[[Opener, dict[str, Any]], Awaitable[None]]
+# What QEMU's bdrv_img_create does for one format (drive-backup's and drive-mirror's new
+# targets): FILENAME made a new image of SIZE bytes with the format's defaults, naming BACKING
+# (a file name and its format) as its backing file. Blocking: a worker thread's.
+MakeImage = Callable[[str, int, "tuple[str, str] | None"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +304,7 @@ class Driver:
     node_type: type[Node]
     open: OpenNode
     create: CreateImage | None = None
+    make_image: MakeImage | None = None
 
     @property
     def name(self) -> str:

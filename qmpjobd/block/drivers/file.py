@@ -270,6 +270,9 @@ class FileNode(Node):
     def write_exact_sync(self, offset: int, data: bytes) -> None:
         self._pwrite(offset, memoryview(data))
 
+    def can_zero_with_unmap(self) -> bool:
+        return self.discard
+
     def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make [OFFSET, OFFSET+LENGTH) read as zeroes: a hole where there is data."""
         end = min(offset + length, self.file_size)
@@ -364,7 +367,7 @@ async def open_file_node(
     opener: Opener, name: str, options: dict[str, Any], inherited: dict[str, Any]
 ) -> Node:
     """blockdev-add's `file` driver, with QEMU's checks and messages."""
-    discard = options.get("discard", "ignore") == "unmap"
+    discard = options.get("discard", inherited.get("discard", "ignore")) == "unmap"
     if options.get("detect-zeroes") == "unmap" and not discard:
         raise BlockError(
             "setting detect-zeroes to unmap is not allowed without setting discard operation to "
@@ -394,7 +397,7 @@ async def open_file_node(
         raise
 
 
-DRIVER = Driver(FileNode, open_file_node, file_create.create)
+DRIVER = Driver(FileNode, open_file_node, file_create.create, file_create.make_image)
 
 
 def open_file(

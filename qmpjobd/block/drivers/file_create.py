@@ -72,6 +72,13 @@ def create_file(filename: str, size: int, preallocation: str, nocow: bool) -> No
         os.close(fd)
 
 
+def make_image(filename: str, size: int, backing: tuple[str, str] | None) -> None:
+    """A drive-* target in a format without backing files (`file`, `raw`): a new file of SIZE
+    bytes. (The caller refuses BACKING with QEMU's words first.)"""
+    assert backing is None
+    create_file(filename, size, "off", False)
+
+
 def _write_zeroes(fd: int, size: int) -> None:
     zeroes = bytes(CHUNK)
     offset = 0

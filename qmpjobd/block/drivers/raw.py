@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import BlockError
 from .base import SECTOR, Driver, Extent, HostExtent, Node, Opener, sectors_up
+from .file_create import make_image
 
 
 class RawNode(Node):
@@ -37,6 +38,9 @@ class RawNode(Node):
 
     def write_exact_sync(self, offset: int, data: bytes) -> None:
         self.file.write_exact_sync(self.offset + offset, data)
+
+    def can_zero_with_unmap(self) -> bool:
+        return self.file.can_zero_with_unmap()
 
     def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.file.zero_sync(self.offset + offset, length, may_unmap)
@@ -83,9 +87,12 @@ async def open_raw(
         child = opener.lookup(ref)
         inline = False
     else:
-        # An inline child takes its parent's read-only and cache settings unless it has its own.
+        # An inline child takes its parent's read-only, cache and discard settings unless it
+        # has its own.
         cache = {**inherited.get("cache", {}), **options.get("cache", {})}
-        child = await opener.open_child(name, ref, {"read-only": read_only, "cache": cache})
+        discard = options.get("discard", inherited.get("discard", "ignore"))
+        child = await opener.open_child(
+            name, ref, {"read-only": read_only, "cache": cache, "discard": discard})
         inline = True
     try:
         offset = options.get("offset", 0)
@@ -119,4 +126,4 @@ async def open_raw(
     return node
 
 
-DRIVER = Driver(RawNode, open_raw)
+DRIVER = Driver(RawNode, open_raw, make_image=make_image)

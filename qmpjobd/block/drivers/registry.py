@@ -12,6 +12,7 @@ from ..errors import BlockError
 from . import file, null, raw
 from .base import Driver
 from .qcow2 import node as qcow2
+from .qcow2.node import probe_format as probe_format
 
 DRIVERS: Final[dict[str, Driver]] = {
     d.name: d for d in (file.DRIVER, raw.DRIVER, null.DRIVER, qcow2.DRIVER)

@@ -41,10 +41,11 @@ class MirrorJob(BlockJob):
 
     def __init__(
         self, job_id: str, emit: Emit, source: Node, target: Node, *, sync: str,
-        granularity: int, buf_size: int, **options: Any,
+        granularity: int, buf_size: int, zero_target: bool = False, **options: Any,
     ) -> None:
         super().__init__(job_id, emit, source, target, **options)
         self.sync = sync
+        self.zero_target = zero_target
         self.granularity = granularity or bitmap_granularity(target)
         self.buf_size = buf_size or DEFAULT_BUF_SIZE
         self.should_complete = False
@@ -76,14 +77,37 @@ class MirrorJob(BlockJob):
 
     async def _dirty_ranges(self) -> list[tuple[int, int]]:
         """What the job copies, as (offset, length) ranges in order (QEMU's dirty bitmap once
-        initialised): all of the source (sync full: QEMU's blockdev-mirror zeroes the target
-        first, and a target that does not discard gets that by a copy of everything), or what
-        the source's own layer holds (top)."""
+        initialised). A target to be zeroed first (sync full into a target that may hold
+        data) gets all of the source, unless zero writes can free its space: then it is
+        zeroed, and gets what the source's chain holds, as a target known to read as zeroes
+        (a new image) does. sync=top copies what the source's own layer holds."""
         source = self.source
-        if self.sync != "top":
-            return [(0, source.size)]
-        return await trio.to_thread.run_sync(
-            allocated_ranges, source, source, self.granularity)
+        if self.sync == "top":
+            return await trio.to_thread.run_sync(
+                allocated_ranges, source, source, self.granularity)
+        if self.zero_target:
+            if not self.target.can_zero_with_unmap():
+                return [(0, source.size)]
+            await self._zero_target()
+        bottom = source
+        while bottom.backing is not None:
+            bottom = bottom.backing
+        return await trio.to_thread.run_sync(allocated_ranges, source, bottom, self.granularity)
+
+    async def _zero_target(self) -> None:
+        """The whole target zeroed, its space freed, in QEMU's pieces (the largest multiple of
+        the granularity an int holds), each a pause point."""
+        piece = (1 << 31) - 1
+        piece -= piece % self.granularity
+        for offset in range(0, self.source.size, piece):
+            await self.pause_point()
+            if self.is_cancelled:
+                return
+            length = min(piece, self.source.size - offset)
+            try:
+                await trio.to_thread.run_sync(self.target.zero_sync, offset, length, True)
+            except OSError as e:
+                raise JobError(os.strerror(e.errno or 5)) from None
 
     async def _copy_range(self, offset: int, length: int) -> None:
         if not (self.source.cluster_size or self.target.cluster_size):
@@ -201,16 +225,20 @@ def blockdev_mirror_job(
         raise BlockError("Can't mirror node into itself")
     source.check_mirror_source()
     target_node.check_target()
-    return mirror_job(jobs, source, target_node, **options)
+    # A node the client names may hold anything: sync=full zeroes it first (QEMU's
+    # blockdev-mirror always asks so).
+    return mirror_job(jobs, source, target_node, zero_target=options.get("sync") == "full",
+                      **options)
 
 
 def mirror_job(
     jobs: JobManager, source: Node, target: Node, *, sync: str, job_id: str | None,
     granularity: int = 0, buf_size: int = 0, auto_finalize: bool = True,
     auto_dismiss: bool = True, on_source_error: str = "report",
-    on_target_error: str = "report",
+    on_target_error: str = "report", zero_target: bool = False,
 ) -> MirrorJob:
-    """A mirror's checks of its options in QEMU's order, then the job (not yet created)."""
+    """A mirror's checks of its options in QEMU's order, then the job (not yet created).
+    ZERO_TARGET: the target may hold data where the source reads zeroes."""
     if granularity and not 512 <= granularity <= 64 << 20:
         raise BlockError("Parameter 'granularity' expects a value in range [512B, 64MB]")
     if granularity & (granularity - 1):
@@ -221,7 +249,8 @@ def mirror_job(
         raise BlockError(f"Sync mode '{sync}' not supported")
     return MirrorJob(
         new_job_id(jobs, job_id), jobs.emit, source, target, sync=sync,
-        granularity=granularity, buf_size=buf_size, auto_finalize=auto_finalize,
+        granularity=granularity, buf_size=buf_size, zero_target=zero_target,
+        auto_finalize=auto_finalize,
         auto_dismiss=auto_dismiss, on_source_error=on_source_error,
         on_target_error=on_target_error,
     )

@@ -10,12 +10,14 @@ is refused before anything is written. Blocking: a worker thread's job.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ..file_create import create_file
 from .header import MAGIC, Qcow2Error
-from .hostfile import HostFile
+from .hostfile import HostFile, open_write_log
 from .image import Qcow2Image
 
 DEFAULT_CLUSTER_SIZE: Final = 65536
@@ -122,3 +124,23 @@ def format_image(file: HostFile, new: NewImage) -> None:
     if new.backing_file is not None:
         image.set_backing(new.backing_file, new.backing_format)
     image.close()
+
+
+def make_image(filename: str, size: int, backing: tuple[str, str] | None) -> None:
+    """A drive-* target as QEMU's bdrv_img_create makes it: the file created (or emptied),
+    then an image of SIZE bytes with the default options, naming BACKING (file name, format)."""
+    options: dict[str, Any] = {"size": size}
+    if backing is not None:
+        options["backing-file"], options["backing-fmt"] = backing
+    new = check_options(options)
+    create_file(filename, 0, "off", False)
+    fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        log = open_write_log(filename)
+        try:
+            format_image(HostFile(fd, log), new)
+        finally:
+            if log is not None:
+                log.close()
+    finally:
+        os.close(fd)

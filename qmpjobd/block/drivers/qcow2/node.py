@@ -27,7 +27,7 @@ from ...errors import BlockError
 from ..base import Driver, Extent, Node, Opener
 from ..file import FileNode
 from ..filenames import filename
-from .create import check_options, format_image
+from .create import check_options, format_image, make_image
 from .header import MAGIC, Qcow2Error
 from .hostfile import HostFile, open_write_log
 from .image import Kind, Qcow2Image
@@ -66,6 +66,7 @@ class _BackingView:
 
 class Qcow2Node(Node):
     driver = "qcow2"
+    takes_backing = True
 
     def __init__(self, name: str, file: FileNode, image: Qcow2Image, *, read_only: bool,
                  detect_zeroes: str, discard: bool) -> None:
@@ -153,6 +154,10 @@ class Qcow2Node(Node):
 
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
         await trio.to_thread.run_sync(self.write_sync, offset, data, length)
+
+    def can_zero_with_unmap(self) -> bool:
+        # Version 2 images have no zero clusters: QEMU's qcow2 offers no unmapping zero writes.
+        return self.discard and self.image.header.version >= 3
 
     def zero_sync(self, offset: int, length: int, may_unmap: bool = False) -> None:
         try:
@@ -269,8 +274,9 @@ def backing_path(image_filename: str, backing: str) -> str:
     return os.path.join(directory, backing) if directory else backing
 
 
-def _probe(path: str) -> str:
-    """The format a backing file without a named one is opened in: its first bytes say."""
+def probe_format(path: str) -> str:
+    """The format an image opened without one named is opened in (a backing file, a drive-*
+    target): its first bytes say. Blocking."""
     try:
         with open(path, "rb") as f:
             return "qcow2" if f.read(4) == MAGIC else "raw"
@@ -300,7 +306,9 @@ async def open_qcow2(
     if isinstance(ref, str):
         child = opener.lookup(ref)
     else:
-        child = await opener.open_child(name, ref, {"read-only": read_only, "cache": cache})
+        discard = options.get("discard", inherited.get("discard", "ignore"))
+        child = await opener.open_child(
+            name, ref, {"read-only": read_only, "cache": cache, "discard": discard})
     node: Qcow2Node | None = None
     try:
         if not isinstance(child, FileNode):
@@ -365,7 +373,7 @@ async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any]
     if _identity(named) in chain:
         raise BlockError(f"Could not open backing file: backing chain of '{node.name}' loops "
                          f"back to '{named}'")
-    fmt = node.image.header.backing_format or await trio.to_thread.run_sync(_probe, named)
+    fmt = node.image.header.backing_format or await trio.to_thread.run_sync(probe_format, named)
     below_options = {"driver": fmt, "file": {"driver": "file", "filename": named}}
     try:
         below = await opener.open_child(
@@ -420,4 +428,4 @@ async def create_qcow2(opener: Opener, options: dict[str, Any]) -> None:
                 await node.close()
 
 
-DRIVER = Driver(Qcow2Node, open_qcow2, create_qcow2)
+DRIVER = Driver(Qcow2Node, open_qcow2, create_qcow2, make_image)
