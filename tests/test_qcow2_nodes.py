@@ -83,6 +83,24 @@ def test_a_chain_opened_from_the_headers(sides: list[Side]) -> None:
     assert same_nodes(sides) == []
 
 
+@pytest.mark.parametrize("cache", [
+    {"l2-cache-size": 1024}, {"l2-cache-size": -1}, {"refcount-cache-size": -5},
+    {"cache-size": 100, "l2-cache-size": 50, "refcount-cache-size": 10},
+    {"cache-size": 100, "l2-cache-size": 200}, {"cache-size": 100, "refcount-cache-size": 200},
+    {"l2-cache-entry-size": 1000}, {"l2-cache-entry-size": 256},
+    {"l2-cache-entry-size": 131072}, {"l2-cache-entry-size": 4096, "cache-size": 0},
+    {"cache-size": 1 << 62}, {"l2-cache-size": 1 << 62},
+    {"l2-cache-size": 1 << 62, "l2-cache-entry-size": 512}, {"refcount-cache-size": 1 << 50},
+    {"cache-size": 1 << 44, "l2-cache-size": 1 << 20},
+    {"cache-size": 1 << 50, "refcount-cache-size": 1 << 20}, {"cache-size": 1000},
+])
+def test_cache_options(sides: list[Side], cache: dict[str, int]) -> None:
+    """The metadata cache's sizes: QEMU's checks, in its order, with its words."""
+    chain(sides)
+    if replies(sides, "blockdev-add", qcow2("top", "top.qcow2", **cache)) == {"return": {}}:
+        same_nodes(sides)
+
+
 def test_backing_chosen_by_blockdev_add(sides: list[Side]) -> None:
     chain(sides)
     for arguments in (

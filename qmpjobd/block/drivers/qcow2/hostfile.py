@@ -5,7 +5,7 @@ Blocking throughout: the driver calls it from worker threads. The write log exis
 purpose, testing the order of writes: a crash keeps some prefix of what was written since
 the last sync, so replaying cut-off prefixes of the log onto a copy of the starting image shows
 what a crash at any moment would leave (tests/test_qcow2_crash.py). It is switched on by
-QMPJOBD_QCOW2_WRITE_LOG (docs/qcow2.md) and never in normal use.
+QMPJOBD_QCOW2_WRITE_LOG (docs/design.md, "qcow2 and crashes") and never in normal use.
 """
 
 from __future__ import annotations

@@ -31,11 +31,13 @@ from .create import check_options, format_image, make_image
 from .header import MAGIC, Qcow2Error
 from .hostfile import HostFile, open_write_log
 from .image import Kind, Qcow2Image
+from .tables import L2_CACHE_MAX
 
 # The deepest backing chain opened from image headers.
 MAX_CHAIN: Final = 256
 # The options QEMU's qcow2 driver has and qmpjobd's refuses (docs/compat.md).
 _UNSUPPORTED: Final = ("encrypt", "data-file")
+_INT_MAX: Final = (1 << 31) - 1
 
 
 class _BackingView:
@@ -327,6 +329,8 @@ async def open_qcow2(
                 lambda: Qcow2Image(host, writable=not read_only))
         except BlockError as e:
             raise BlockError(f"Image '{child.filename}' (node '{name}'): {e}") from None
+        image.tables.cache_limit = _l2_cache_bytes(options, image.cluster_size, image.size)
+        image.tables.resize_cache()
         node = Qcow2Node(name, child, image, read_only=read_only,
                          detect_zeroes=options.get("detect-zeroes", "off"),
                          discard=options.get("discard", inherited.get("discard")) == "unmap")
@@ -345,6 +349,51 @@ async def open_qcow2(
             if inline:
                 await child.close()
         raise
+
+
+def _l2_cache_bytes(options: dict[str, Any], cluster_size: int, size: int) -> int:
+    """The bytes of L2 tables the node keeps: blockdev-add's cache options, checked and shared
+    out as QEMU does (the refcount cache's share is not needed here: refcount blocks are
+    written at each flush)."""
+    combined = options.get("cache-size")
+    l2 = options.get("l2-cache-size")
+    refcount = options.get("refcount-cache-size")
+    for key in ("cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size"):
+        if options.get(key, 0) < 0:
+            raise BlockError(f"Parameter '{key}' expects a non-negative number below 2^64")
+    whole = -(-(-(-size // cluster_size) * 8) // cluster_size) * cluster_size
+    result = min(whole, L2_CACHE_MAX if l2 is None else l2)
+    refcount_share = refcount or 0
+    if combined is not None:
+        if l2 is not None and refcount is not None:
+            raise BlockError("cache-size, l2-cache-size and refcount-cache-size may not be set "
+                             "at the same time")
+        if l2 is not None and l2 > combined:
+            raise BlockError("l2-cache-size may not exceed cache-size")
+        if refcount_share > combined:
+            raise BlockError("refcount-cache-size may not exceed cache-size")
+        min_refcount = 4 * cluster_size
+        if l2 is not None:
+            refcount_share = combined - result
+        elif refcount is not None:
+            result = combined - refcount
+        elif combined >= whole + min_refcount:
+            result, refcount_share = whole, combined - whole
+        else:
+            refcount_share = min(combined, min_refcount)
+            result = combined - refcount_share
+    entry = options.get("l2-cache-entry-size")
+    if entry is None:
+        # QEMU loads 4 KiB pieces of tables when the cache does not cover the image.
+        entry = cluster_size if result >= whole else min(cluster_size, 4096)
+    if not 512 <= entry <= cluster_size or entry & (entry - 1):
+        raise BlockError("L2 cache entry size must be a power of two between 512 and the "
+                         f"cluster size ({cluster_size})")
+    if result // entry > _INT_MAX:
+        raise BlockError("L2 cache size too big")
+    if refcount_share // cluster_size > _INT_MAX:
+        raise BlockError("Refcount cache size too big")
+    return result
 
 
 async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any],

@@ -80,6 +80,8 @@ class Tables:
         self._coffset_mask = (1 << self._csize_shift) - 1
         self.l1 = self._read_l1()
         self.l1_dirty: set[int] = set()
+        # The most bytes of L2 tables kept (blockdev-add's l2-cache-size; QEMU's default).
+        self.cache_limit = L2_CACHE_MAX
         self.resize_cache()
         self._cache: collections.OrderedDict[int, array[int]] = collections.OrderedDict()
         self.l2_dirty: set[int] = set()
@@ -87,9 +89,10 @@ class Tables:
         self.write_back: Callable[[], None] = lambda: None
 
     def resize_cache(self) -> None:
-        """Room for the tables of the whole image, up to QEMU's default limit."""
-        covered = min(L2_CACHE_MAX, len(self.l1) * self.cluster_size)
-        self._cache_tables = max(1, covered // self.cluster_size)
+        """Room for the tables of the whole image, up to the limit (two tables at least, as
+        QEMU keeps)."""
+        covered = min(self.cache_limit, len(self.l1) * self.cluster_size)
+        self._cache_tables = max(2, covered // self.cluster_size)
 
     def _read_l1(self) -> array[int]:
         header = self.header
