@@ -5,6 +5,7 @@
     scripts/fuzz.py live     [-n N] [--time SECONDS] [--seed S]
     scripts/fuzz.py record   [--no-qsd]
     scripts/fuzz.py replay   PATH...
+    scripts/fuzz.py qcow2    [-n N] [--time SECONDS] [--seed S] [-j JOBS]
 
 protocol  Drives the sans-IO framing (qmpjobd.qmp.framing) and session (qmpjobd.qmp.session)
           in-process.  Each input is fed whole and split at points derived from the input;
@@ -25,6 +26,11 @@ live      Starts qmpjobd (under coverage.py) on a socket in a temporary director
           connection must still get its `query-jobs` answered.  Per-input timeout: --timeout.
 replay    Checks the given inputs (files or directories) as protocol mode does, under coverage.py:
           to reproduce a saved failure, or to measure the coverage a corpus reaches.
+qcow2     Damaged qcow2 images and backing chains through the driver's open-and-read path,
+          in-process (scripts/fuzz_qcow2.py says how they are damaged and what must hold: no
+          exception, no input over 1 s, errors naming the node or the file, no write to a file
+          that failed to open or was opened read-only).  Failing inputs are saved, with
+          why.txt, under WORKDIR/p*/failures.
 record    Runs conversations against qemu-storage-daemon and stores the bytes the client sent
           as seeds in tests/fuzz-corpus/qsd-*.bin; writes the hand-written edge cases as
           tests/fuzz-corpus/edge-*.bin.
@@ -1475,9 +1481,54 @@ def run_record(args: argparse.Namespace) -> int:
 # =============================================================================================
 
 
+def run_qcow2(args: argparse.Namespace) -> int:
+    """qcow2 mode (scripts/fuzz_qcow2.py): JOBS processes share the inputs, each from its own
+    seed, in its own directory; their reports are summed into WORKDIR/report.json."""
+    import fuzz_qcow2
+
+    if not fuzz_qcow2.environment_ok():
+        print("fuzz.py qcow2: needs qemu-img and qemu-io (scripts/setup installs them)",
+              file=sys.stderr)
+        return 2
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    seconds = args.time or None
+    jobs = max(1, args.jobs)
+    share = [args.inputs // jobs + (i < args.inputs % jobs) for i in range(jobs)]
+    procs = [subprocess.Popen([
+        sys.executable, "-c",
+        "import sys, json; sys.path.insert(0, sys.argv[1]); import fuzz_qcow2; "
+        "from pathlib import Path; "
+        "fuzz_qcow2.run(int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), "
+        "Path(sys.argv[5]))",
+        str(Path(__file__).resolve().parent), str(n), json.dumps(seconds), str(args.seed + i),
+        str(args.workdir / f"p{i}")]) for i, n in enumerate(share)]
+    status = [proc.wait() for proc in procs]
+    total: dict[str, Any] = {"inputs": 0, "failures": 0, "opened": 0, "refused": 0,
+                             "slowest": 0.0, "seconds": 0.0, "errors": {}}
+    for i in range(jobs):
+        path = args.workdir / f"p{i}" / "report.json"
+        if not path.exists():
+            total["failures"] += 1  # the process died: its input is in p{i}/case
+            continue
+        part = json.loads(path.read_text())
+        for key in ("inputs", "failures", "opened", "refused"):
+            total[key] += part[key]
+        total["slowest"] = max(total["slowest"], part["slowest"])
+        total["seconds"] = max(total["seconds"], part["seconds"])
+        for kind, count in part["errors"].items():
+            total["errors"][kind] = total["errors"].get(kind, 0) + count
+    total["errors"] = dict(sorted(total["errors"].items(), key=lambda kv: -kv[1]))
+    (args.workdir / "report.json").write_text(json.dumps(total, indent=1))
+    print(f"qcow2: {total['inputs']} inputs in {total['seconds']} s, {total['opened']} opened, "
+          f"{total['refused']} refused, {total['failures']} failures, slowest "
+          f"{total['slowest']:.3f} s (limit {fuzz_qcow2.HANG_LIMIT} s); failures under "
+          f"{args.workdir}/p*/failures")
+    return 0 if total["failures"] == 0 and not any(status) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("mode", choices=["protocol", "live", "record", "replay"])
+    parser.add_argument("mode", choices=["protocol", "live", "record", "replay", "qcow2"])
     parser.add_argument("paths", nargs="*", type=Path,
                         help="replay mode: inputs to check; protocol mode: more seed inputs "
                              "(files or directories)")
@@ -1496,10 +1547,12 @@ def main(argv: list[str] | None = None) -> int:
                              "coverage is measured by replaying the seeds and PATHS at the end")
     parser.add_argument("--no-qsd", action="store_true",
                         help="record mode: only write the hand-written edge cases")
+    parser.add_argument("-j", "--jobs", type=int, default=1,
+                        help="qcow2 mode: processes, each with its own seed (seed, seed+1, ...)")
     args = parser.parse_intermixed_args(argv)
     runner: dict[str, Callable[[argparse.Namespace], int]] = {
         "protocol": run_protocol, "live": run_live, "record": run_record,
-        "replay": run_replay,
+        "replay": run_replay, "qcow2": run_qcow2,
     }
     return runner[args.mode](args)
 

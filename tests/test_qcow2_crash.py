@@ -95,7 +95,10 @@ SCENARIOS = {
         nodes=[_qcow2("top", "top.qcow2", backing=_qcow2("mid", "mid.qcow2", backing=_qcow2(
             "base", "base.qcow2", **SMALL_CACHE)))],
         command="block-commit",
-        arguments={"device": "top", "top-node": "mid", "base-node": "base"},
+        # The overlay's header names the base as the other images do (by a relative name),
+        # so that the chain replayed elsewhere reads the replayed base.
+        arguments={"device": "top", "top-node": "mid", "base-node": "base",
+                   "backing-file": "base.qcow2"},
         written="base.qcow2", constant="top.qcow2",
     ),
     # A 64 KiB-cluster image with holes into an empty one of 2 KiB clusters.
@@ -301,9 +304,12 @@ def _progress_until(conn: QmpConnection, point: float) -> None:
 # -- power cuts, replayed from the write log ----------------------------------------------------
 
 
-def apply(path: Path, records: list[tuple[bytes, int, bytes]]) -> None:
+Record = tuple[bytes, int, bytes, int]  # the write log's: kind, offset, data, sequence
+
+
+def apply(path: Path, records: list[Record]) -> None:
     with open(path, "r+b") as f:
-        for kind, offset, data in records:
+        for kind, offset, data, _ in records:
             if kind == WRITE:
                 f.seek(offset)
                 f.write(data)
@@ -313,35 +319,51 @@ def apply(path: Path, records: list[tuple[bytes, int, bytes]]) -> None:
 
 @pytest.mark.parametrize("kind", list(SCENARIOS))
 def test_power_cut_replayed(kind: str, references: dict[str, Path], tmp_path: Path) -> None:
-    """CUTS crashes rebuilt from the write log of the written image: consistent, and every
-    sector as the last sync left it or as the job leaves it."""
+    """CUTS crashes rebuilt from the write logs of the images the job writes (the log's
+    sequence numbers order the writes of all of them: a crash cuts every file at one moment):
+    consistent; the written image's every sector as the last syncs left it or as the job
+    leaves it; the chain's view from the top as it was."""
     scenario = SCENARIOS[kind]
     reference = references[kind]
-    records = read_log(str(reference / "log" / f"{scenario.written}.log"))
-    syncs = [i for i, (record, _, _) in enumerate(records) if record == SYNC]
+    names = list(dict.fromkeys(n for n in (scenario.written, scenario.constant) if n))
+    logs = {name: read_log(str(reference / "log" / f"{name}.log")) for name in names}
+    merged = sorted((record[3], name, i) for name, records in logs.items()
+                    for i, record in enumerate(records))
+    syncs = [j for j, (_, name, i) in enumerate(merged) if logs[name][i][0] == SYNC]
     assert len(syncs) >= 3, "the job synced too seldom to test the order of its writes"
     after = (reference / "after.raw").read_bytes()
+    constant = (guest_view(reference / "start" / scenario.constant)
+                if scenario.constant else None)
     images = tmp_path / "images"
     shutil.copytree(reference / "start", images)
-    image = images / scenario.written
-    start = (reference / "start" / scenario.written).read_bytes()
-    durable_views: dict[int, bytes] = {}
+    start = {name: (reference / "start" / name).read_bytes() for name in names}
+    durable_views: dict[tuple[int, ...], bytes] = {}
     rng = random.Random(kind)
-    # Epochs: the records between two syncs. Each cut falls in a random epoch (so that the
-    # few epochs of a flush's steps are hit as often as the long one of the data), at a
-    # random record of it.
-    bounds = [-1, *syncs, len(records)]
+    # Epochs: the records between two syncs (of any image). Each cut falls in a random epoch
+    # (so that the few epochs of a flush's steps are hit as often as the long one of the
+    # data), at a random record of it.
+    bounds = [-1, *syncs, len(merged)]
     for _ in range(CUTS):
         epoch = rng.randrange(len(bounds) - 1)
-        last_sync, end = bounds[epoch], bounds[epoch + 1]
-        cut = rng.randint(last_sync + 1, end)
-        pending = [r for r in records[last_sync + 1:cut] if r[0] != SYNC]
-        kept = [r for r in pending if rng.random() < 0.5]
-        if last_sync not in durable_views:
-            image.write_bytes(start)
-            apply(image, records[:last_sync + 1])
-            durable_views[last_sync] = guest_view(image)
-        image.write_bytes(start)
-        apply(image, records[:last_sync + 1] + kept)
-        check_clean(image)
-        sectors_between(guest_view(image), durable_views[last_sync], after)
+        cut = rng.randint(bounds[epoch] + 1, bounds[epoch + 1])
+        durable: dict[str, list[Record]] = {}
+        kept: dict[str, list[Record]] = {}
+        for name, records in logs.items():
+            before_cut = [records[i] for _, image, i in merged[:cut] if image == name]
+            last = max((i for i, r in enumerate(before_cut) if r[0] == SYNC), default=-1)
+            durable[name] = before_cut[:last + 1]
+            kept[name] = [r for r in before_cut[last + 1:]
+                          if r[0] != SYNC and rng.random() < 0.5]
+        key = tuple(len(durable[name]) for name in names)
+        if key not in durable_views:
+            for name in names:
+                (images / name).write_bytes(start[name])
+                apply(images / name, durable[name])
+            durable_views[key] = guest_view(images / scenario.written)
+        for name in names:
+            (images / name).write_bytes(start[name])
+            apply(images / name, durable[name] + kept[name])
+            check_clean(images / name)
+        sectors_between(guest_view(images / scenario.written), durable_views[key], after)
+        if constant is not None:
+            assert guest_view(images / scenario.constant) == constant, "the chain's view changed"

@@ -49,7 +49,7 @@ def chain(sides: list[Side]) -> None:
 
 
 # qmpjobd names the image and the node before QEMU's words on a damaged image (docs/compat.md).
-_NAMED = re.compile(r"^Image '[^']*' \(node '[^']*'\): ")
+_NAMED = re.compile(r"Image '[^']*' \(node '[^']*'\): ")
 
 
 def replies(sides: list[Side], command: str, arguments: dict[str, Any]) -> Any:

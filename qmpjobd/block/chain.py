@@ -211,6 +211,10 @@ async def drop_intermediate(
             if was_read_only:
                 overlay.reopen(True)
 
+    if base is not None:
+        # What a commit wrote into the base is on disk before the overlay's header makes the
+        # base what the chain reads: a crash between the two must not lose it.
+        await base.flush()
     await trio.to_thread.run_sync(rewrite)
     with trio.CancelScope(shield=True):
         for node in graph.replace_backing(overlay, base):

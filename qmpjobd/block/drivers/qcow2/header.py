@@ -156,8 +156,10 @@ def parse_header(data: bytes, file_size: int) -> Header:
         end = header.backing_file_offset + header.backing_file_size
         if header.backing_file_size > MAX_BACKING_NAME or end > cluster or end > len(data):
             raise Qcow2Error("Backing file name too long")
-        raw = data[header.backing_file_offset:end]
-        header.backing_file = raw.decode("utf-8", "surrogateescape")
+        # QEMU keeps the name as a C string: it ends at a NUL byte, and an empty one names
+        # no backing file.
+        raw = data[header.backing_file_offset:end].split(b"\0", 1)[0]
+        header.backing_file = raw.decode("utf-8", "surrogateescape") if raw else None
     return header
 
 

@@ -10,6 +10,7 @@ QMPJOBD_QCOW2_WRITE_LOG (docs/design.md, "qcow2 and crashes") and never in norma
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -17,8 +18,10 @@ from collections.abc import Callable
 from typing import BinaryIO, Final
 
 # A log record: its kind, the offset and the length of the data that follows (a write), or
-# nothing more (a sync).
-_RECORD: Final = struct.Struct(">cQQ")
+# nothing more (a sync); and its place among the records of every log of the process (a
+# crash cuts all files at one moment).
+_RECORD: Final = struct.Struct(">cQQQ")
+_sequence = itertools.count()
 WRITE: Final = b"W"
 SYNC: Final = b"S"
 EXTEND: Final = b"E"
@@ -35,31 +38,31 @@ class WriteLog:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         with self._lock:
-            self._file.write(_RECORD.pack(WRITE, offset, len(data)))
+            self._file.write(_RECORD.pack(WRITE, offset, len(data), next(_sequence)))
             self._file.write(data)
 
     def sync(self) -> None:
         with self._lock:
-            self._file.write(_RECORD.pack(SYNC, 0, 0))
+            self._file.write(_RECORD.pack(SYNC, 0, 0, next(_sequence)))
             self._file.flush()
 
     def extend(self, size: int) -> None:
         with self._lock:
-            self._file.write(_RECORD.pack(EXTEND, size, 0))
+            self._file.write(_RECORD.pack(EXTEND, size, 0, next(_sequence)))
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
 
 
-def read_log(path: str) -> list[tuple[bytes, int, bytes]]:
-    """The records of a write log: (WRITE, offset, data), (SYNC, 0, b"") or (EXTEND, new
-    size, b"")."""
-    records: list[tuple[bytes, int, bytes]] = []
+def read_log(path: str) -> list[tuple[bytes, int, bytes, int]]:
+    """The records of a write log: (WRITE, offset, data, sequence), (SYNC, 0, b"", sequence)
+    or (EXTEND, new size, b"", sequence)."""
+    records: list[tuple[bytes, int, bytes, int]] = []
     with open(path, "rb") as f:
         while head := f.read(_RECORD.size):
-            kind, offset, length = _RECORD.unpack(head)
-            records.append((kind, offset, f.read(length)))
+            kind, offset, length, sequence = _RECORD.unpack(head)
+            records.append((kind, offset, f.read(length), sequence))
     return records
 
 

@@ -92,13 +92,17 @@ class Qcow2Image:
 
     # -- opening and closing -------------------------------------------------------------
 
-    def _open_for_writing(self) -> None:
-        header = self.header
-        if header.corrupt:
+    def check_writable(self) -> None:
+        """Qcow2Error if the image may not be written (before anything is written)."""
+        if self.header.corrupt:
             raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
-        if header.nb_snapshots:
+        if self.header.nb_snapshots:
             raise Qcow2Error("qcow2 images with internal snapshots can only be opened "
                              "read-only by qmpjobd")
+
+    def _open_for_writing(self) -> None:
+        header = self.header
+        self.check_writable()
         if header.dirty:
             # Left dirty (lazy refcounts, not closed): the counts may be behind.
             repair(self.file, header, self.tables, self.refcounts, self._flush_locked)

@@ -324,9 +324,13 @@ async def open_qcow2(
         log = open_write_log(child.filename) if not read_only else None
         host = HostFile(child.fd, log, no_flush=bool(cache.get("no-flush", False)),
                         grew=child.grew_to)
+        # Opened for reading first: nothing is written (a dirty image's repair, the autoclear
+        # bits) until the whole chain has opened, so that a node that fails to open leaves
+        # its image as it was.
         try:
-            image = await trio.to_thread.run_sync(
-                lambda: Qcow2Image(host, writable=not read_only))
+            image = await trio.to_thread.run_sync(lambda: Qcow2Image(host, writable=False))
+            if not read_only:
+                image.check_writable()
         except BlockError as e:
             raise BlockError(f"Image '{child.filename}' (node '{name}'): {e}") from None
         image.tables.cache_limit = _l2_cache_bytes(options, image.cluster_size, image.size)
@@ -338,11 +342,20 @@ async def open_qcow2(
         if inline:
             child.owner = node
         await _open_backing(opener, node, options, inherited, cache)
+        if not read_only:
+            try:
+                await trio.to_thread.run_sync(image.reopen, True)
+            except BlockError as e:
+                raise BlockError(f"Image '{child.filename}' (node '{name}'): {e}") from None
         return node
     except BaseException:
         with trio.CancelScope(shield=True):
             if node is not None:
+                below = node.backing
                 await node.close()
+                if below is not None and below.owner is node:  # opened from the header
+                    for gone in (below, *below.owned()):
+                        await gone.close()
             elif isinstance(child, FileNode):
                 child.drop_write()
                 child.drop_shared()
@@ -428,7 +441,10 @@ async def _open_backing(opener: Opener, node: Qcow2Node, options: dict[str, Any]
         below = await opener.open_child(
             node.name, below_options, _backing_inherits(cache, {"qcow2-chain": chain}))
     except BlockError as e:
-        raise BlockError(f"Could not open backing file: {e}") from None
+        # QEMU's words, after the image and node whose header named the file (which QEMU's
+        # do not say: a chain may be deep).
+        raise BlockError(f"Image '{node.file.filename}' (node '{node.name}'): Could not open "
+                         f"backing file: {e}") from None
     below.monitor_owned = False
     below.owner = node
     node.attach_backing(below)

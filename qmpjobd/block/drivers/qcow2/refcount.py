@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -143,6 +143,26 @@ class Refcounts:
         if not offset:
             return 0
         return self._get(self._block(offset), index)
+
+    def counted(self) -> Iterator[int]:
+        """The host clusters whose count is above zero, in order: a walk over the refcount
+        blocks there are (skipping runs of zeroes), whatever offsets the file's tables name."""
+        bits = self.bits
+        run = 64  # bytes looked at together
+        zeroes = bytes(run)
+        for table_index, entry in enumerate(self.table):
+            offset = entry & OFFSET_MASK
+            if not offset:
+                continue
+            block = self._block(offset)
+            first = table_index * self.block_entries
+            for at in range(0, len(block), run):
+                if block[at:at + run] == zeroes:
+                    continue
+                for index in range(at * 8 // bits, min((at + run) * 8 // bits,
+                                                       self.block_entries)):
+                    if self._get(block, index):
+                        yield first + index
 
     # -- allocation --------------------------------------------------------------------------
 
@@ -364,11 +384,11 @@ def count_uses(file: HostFile, header: Header, tables: Tables,
     return uses
 
 
-def compare(uses: dict[int, int], refcounts: Refcounts, file_size: int) -> CheckResult:
+def compare(uses: dict[int, int], refcounts: Refcounts) -> CheckResult:
     result = CheckResult()
-    cluster = refcounts.cluster_size
-    last = max([*uses, (file_size - 1) // cluster]) if file_size else 0
-    for n in range(last + 1):
+    # Only clusters used or counted can be off: a damaged table may name offsets far past
+    # the file, and the check must not take time in proportion to them.
+    for n in sorted({*uses, *refcounts.counted()}):
         counted = refcounts.get(n)
         used = uses.get(n, 0)
         if counted:
@@ -384,16 +404,39 @@ def check(file: HostFile, header: Header) -> CheckResult:
     """Compare every host cluster's uses with its reference count."""
     tables = Tables(file, header)
     refcounts = Refcounts(file, header)
-    return compare(count_uses(file, header, tables, refcounts), refcounts, file.size)
+    return compare(count_uses(file, header, tables, refcounts), refcounts)
 
 
 def repair(file: HostFile, header: Header, tables: Tables, refcounts: Refcounts,
            sync: Callable[[], None]) -> None:
     """Make every count equal the cluster's uses (an image left dirty with lazy refcounts),
     then write the blocks out with SYNC's ordering. Placing a new block changes the uses:
-    counted again until nothing is off."""
+    counted again until nothing is off.
+
+    What lazy refcounts can leave behind (counts too high or too low) is repaired; damage
+    they cannot explain (a refcount block that is not a cluster of its own, a count beyond
+    the width) is refused before anything is written. New blocks go past every cluster in
+    use, so that none lands on a cluster whose count was still wrong."""
+    uses = count_uses(file, header, tables, refcounts)
+    cluster_size = header.cluster_size
+    for index, entry in enumerate(refcounts.table):
+        offset = entry & OFFSET_MASK
+        if not offset:
+            continue
+        if entry & 0x1FF or offset % cluster_size:
+            raise Qcow2Error(f"Refcount block {index} is not cluster aligned; refcount table "
+                             "entry corrupted")
+        if uses.get(offset // cluster_size, 0) > 1:
+            raise Qcow2Error(f"Refcount block {index} at {offset:#x} overlaps other metadata; "
+                             "the image needs 'qemu-img check -r all'")
+    crowded = [n for n, count in uses.items() if count > refcounts.max]
+    if crowded:
+        raise Qcow2Error(f"Cluster {crowded[0] * cluster_size:#x} is used more often than a "
+                         f"{refcounts.bits}-bit count holds")
+    end = -(-file.size // cluster_size)
+    refcounts.free_index = max(refcounts.free_index, end, max(uses, default=0) + 1)
     for _ in range(8):
-        result = compare(count_uses(file, header, tables, refcounts), refcounts, file.size)
+        result = compare(count_uses(file, header, tables, refcounts), refcounts)
         if not result.leaks and not result.corruptions:
             return
         uses = count_uses(file, header, tables, refcounts)

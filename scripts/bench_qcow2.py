@@ -1,0 +1,357 @@
+"""qcow2 benchmarks of scripts/bench.py (modes `qcow2` and `mirror-sparse`), each side by side
+with qemu-storage-daemon in the same run, as ratios.
+
+qcow2: on 1 GiB images of 64 KiB clusters, with a second client sending query-jobs back to back
+while each job runs (monitor latency), 5 runs per daemon, interleaved, after an untimed round;
+medians, and throughput as the bytes the job moves over the time from command to
+BLOCK_JOB_COMPLETED:
+
+    stream    a fresh empty overlay of half.qcow2 (random data in every other MiB: 512 MiB)
+              streams what its backing file holds
+    commit    an overlay with 256 MiB of random data (4 MiB in every 16) over a fresh copy of
+              half.qcow2: block-commit of the active layer, completed at READY
+    backup    half.qcow2 to a fresh empty qcow2 image, blockdev-backup sync=full
+    mirror    the same, blockdev-mirror sync=full, completed at READY
+    sparse    a 1 TiB image holding 1 GiB (1 MiB in each GiB) backed up to a fresh 1 TiB image,
+              beside a dense 1 GiB image backed up the same way: the time ratio, and the
+              daemon's largest RSS during the 1 TiB job
+
+Every image a job wrote is checked afterwards (untimed): `qemu-img check` clean and
+`qemu-img compare` equal to what it copies.
+
+mirror-sparse: blockdev-mirror sync=full of a 512 MiB raw file holding 5 MiB (five 1 MiB
+extents, holes elsewhere) to a fresh sparse raw file: the time to BLOCK_JOB_READY, median of 5.
+
+The file system the images are on is printed with the results (the figures are for a file
+system without reflinks: ext4).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench import (
+    GIB,
+    MIB,
+    JobClient,
+    allocated,
+    bench_dir,
+    both_daemons,
+    fresh_target,
+    rss_kib,
+    write_random,
+)
+
+RUNS = 5
+TIB = 1024 * GIB
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def filesystem(path: str) -> str:
+    done = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def daemon_pid(client: JobClient) -> int:
+    """The daemon's process id, from the socket's peer credentials."""
+    import socket
+    import struct
+    creds = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
+
+
+@dataclass
+class Watch:
+    """query-jobs round trips (ms) from a second client while a job runs, and the daemon's
+    largest RSS (KiB) meanwhile."""
+
+    client: JobClient
+    pid: int
+    samples: list[float] = field(default_factory=list)
+    rss: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Watch:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            self.client.execute("query-jobs")
+            self.samples.append((time.perf_counter() - start) * 1e3)
+            self.client.events.clear()  # the events went to every monitor
+            self.rss = max(self.rss, rss_kib(self.pid))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+
+
+def qcow2_node(name: str, path: str, **extra: Any) -> dict[str, Any]:
+    return {"driver": "qcow2", "node-name": name,
+            "file": {"driver": "file", "filename": path}, **extra}
+
+
+def run_job(client: JobClient, command: str, arguments: dict[str, Any],
+            complete: bool = False) -> float:
+    """Seconds from sending COMMAND (job "j") to BLOCK_JOB_COMPLETED (completing a mirror or
+    active commit once ready); the job gone after."""
+    client.events.clear()
+    start = time.perf_counter()
+    client.execute(command, {"job-id": "j", **arguments})
+    if complete:
+        client.event("BLOCK_JOB_READY", device="j")
+        client.execute("job-complete", {"id": "j"})
+    done = client.event("BLOCK_JOB_COMPLETED", device="j")
+    seconds = time.perf_counter() - start
+    if "error" in done["data"]:
+        raise RuntimeError(f"{command}: {done['data']['error']}")
+    client.event("JOB_STATUS_CHANGE", id="j", status="null")
+    return seconds
+
+
+def check_image(path: str) -> None:
+    done = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"qemu-img check {path}: {done.stdout}{done.stderr}")
+
+
+def same_image(a: str, b: str) -> None:
+    done = subprocess.run(["qemu-img", "compare", a, b], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"qemu-img compare {a} {b}: {done.stdout}{done.stderr}")
+
+
+@dataclass
+class Workload:
+    """One benchmark: PREPARE makes fresh images (untimed) and returns the nodes to add and the
+    job's command and arguments; VERIFY checks the result (untimed)."""
+
+    name: str
+    moved: int  # bytes the job moves
+    prepare: Callable[[str], tuple[list[dict[str, Any]], str, dict[str, Any], bool]]
+    verify: Callable[[str], None]
+
+
+def make_sources(workdir: str) -> None:
+    """half.qcow2 (1 GiB, random data in every other MiB) and top256.qcow2 (256 MiB of random
+    data, 4 MiB in every 16, over half.qcow2)."""
+    raw = os.path.join(workdir, "half.raw")
+    write_random(raw, GIB, [(i * 2 * MIB, MIB) for i in range(512)])
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, os.path.join(workdir, "half.qcow2"))
+    os.remove(raw)
+    top = os.path.join(workdir, "top256.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "half.qcow2", "-F", "qcow2", top, "1G")
+    data = os.path.join(workdir, "rand4m.bin")
+    with open(data, "wb") as f:
+        f.write(os.urandom(4 * MIB))
+    commands = []
+    for i in range(64):
+        commands += ["-c", f"write -q -s {data} {i * 16 * MIB + 3 * MIB} {4 * MIB}"]
+    sh("qemu-io", "-f", "qcow2", *commands, top)
+
+
+def workloads(workdir: str) -> list[Workload]:
+    half = os.path.join(workdir, "half.qcow2")
+    base = os.path.join(workdir, "base.qcow2")
+    top = os.path.join(workdir, "top.qcow2")
+    target = os.path.join(workdir, "target.qcow2")
+
+    def fresh_overlay(_: str) -> None:
+        if os.path.exists(top):
+            os.remove(top)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "half.qcow2", "-F", "qcow2", top)
+
+    def fresh_qcow2_target(size: str) -> None:
+        if os.path.exists(target):
+            os.remove(target)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", target, size)
+        os.sync()
+
+    def stream(_: str) -> tuple[list[dict[str, Any]], str, dict[str, Any], bool]:
+        fresh_overlay(_)
+        os.sync()
+        return [qcow2_node("top", top)], "block-stream", {"device": "top"}, False
+
+    def commit(_: str) -> tuple[list[dict[str, Any]], str, dict[str, Any], bool]:
+        shutil.copyfile(half, base)
+        shutil.copyfile(os.path.join(workdir, "top256.qcow2"), top)
+        sh("qemu-img", "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", top)
+        os.sync()
+        return [qcow2_node("top", top)], "block-commit", {"device": "top"}, True
+
+    def copy_job(command: str, complete: bool) -> Callable[
+            [str], tuple[list[dict[str, Any]], str, dict[str, Any], bool]]:
+        def prepare(_: str) -> tuple[list[dict[str, Any]], str, dict[str, Any], bool]:
+            fresh_qcow2_target("1G")
+            return ([qcow2_node("src", half, **{"read-only": True}), qcow2_node("tgt", target)],
+                    command, {"device": "src", "target": "tgt", "sync": "full"}, complete)
+        return prepare
+
+    def same_as_half(path: str) -> Callable[[str], None]:
+        def verify(_: str) -> None:
+            check_image(path)
+            same_image(half, path)
+        return verify
+
+    def committed(_: str) -> None:
+        check_image(base)
+        same_image(os.path.join(workdir, "top256.qcow2"), base)
+
+    return [
+        Workload("stream", GIB // 2, stream, same_as_half(top)),
+        Workload("commit", GIB // 4, commit, committed),
+        Workload("backup", GIB // 2, copy_job("blockdev-backup", False), same_as_half(target)),
+        Workload("mirror", GIB // 2, copy_job("blockdev-mirror", True), same_as_half(target)),
+    ]
+
+
+def timed(client: JobClient, watcher: Watch, workload: Workload, workdir: str) -> float:
+    nodes, command, arguments, complete = workload.prepare(workdir)
+    for node in nodes:
+        client.execute("blockdev-add", node)
+    with watcher:
+        seconds = run_job(client, command, arguments, complete)
+    for node in nodes:
+        client.execute("blockdev-del", {"node-name": node["node-name"]})
+    workload.verify(workdir)
+    return seconds
+
+
+def bench_qcow2(given: str | None) -> None:
+    with bench_dir(given) as workdir:
+        make_sources(workdir)
+        jobs = workloads(workdir)
+        seconds: dict[tuple[str, str], list[float]] = {}
+        latency: dict[tuple[str, str], list[float]] = {}
+        rss: dict[str, int] = {}
+        with both_daemons(workdir, clients=2) as conns:
+            watchers = {name: Watch(other, daemon_pid(other))
+                        for name, (_, other) in conns.items()}
+            for workload in jobs:
+                for repeat in range(RUNS + 1):  # the first round untimed
+                    for name, (client, _) in conns.items():
+                        watcher = watchers[name]
+                        watcher.samples = []
+                        result = timed(client, watcher, workload, workdir)
+                        if repeat:
+                            seconds.setdefault((workload.name, name), []).append(result)
+                            latency.setdefault((workload.name, name), []).extend(
+                                watcher.samples)
+            sparse = sparse_backups(workdir, conns, watchers, rss)
+        fs = filesystem(workdir)
+    print(f"qcow2: 1 GiB images, 64 KiB clusters, on {fs}; medians of {RUNS} interleaved runs "
+          "after an untimed round (every result checked by qemu-img check and compare)")
+    print(f"  {'job':8} {'QSD MB/s':>9} {'qmpjobd MB/s':>13} {'ratio':>6}   monitor p99 "
+          "QSD / qmpjobd")
+    for workload in jobs:
+        rates = {}
+        p99 = {}
+        for name in ("qemu-storage-daemon", "qmpjobd"):
+            rates[name] = workload.moved / statistics.median(seconds[(workload.name, name)]) / 1e6
+            samples = latency[(workload.name, name)]
+            p99[name] = statistics.quantiles(samples, n=100)[98] if len(samples) > 1 else 0.0
+        print(f"  {workload.name:8} {rates['qemu-storage-daemon']:9.0f} {rates['qmpjobd']:13.0f} "
+              f"{rates['qmpjobd'] / rates['qemu-storage-daemon']:5.2f}x   "
+              f"{p99['qemu-storage-daemon']:.1f} / {p99['qmpjobd']:.1f} ms")
+    print("  sparse: backup of a 1 TiB image holding 1 GiB against a dense 1 GiB image "
+          f"(median of {RUNS}; time ratio, largest RSS during the 1 TiB job)")
+    for name, (big, dense) in sparse.items():
+        print(f"  {name:20} 1 TiB {big:6.2f} s  dense {dense:6.2f} s  ratio {big / dense:.2f}  "
+              f"RSS {rss[name] / 1024:.0f} MiB")
+
+
+def sparse_backups(workdir: str, conns: dict[str, list[JobClient]], watchers: dict[str, Watch],
+                   rss: dict[str, int]) -> dict[str, tuple[float, float]]:
+    big = os.path.join(workdir, "big.qcow2")
+    dense = os.path.join(workdir, "dense.qcow2")
+    target = os.path.join(workdir, "target.qcow2")
+    raw = os.path.join(workdir, "big.raw")
+    write_random(raw, TIB, [(i * GIB + (i * 7 % 512) * MIB, MIB) for i in range(1024)])
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, big)
+    os.remove(raw)
+    raw = os.path.join(workdir, "dense.raw")
+    write_random(raw, GIB, [(0, GIB)])
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, dense)
+    os.remove(raw)
+    times: dict[str, dict[str, list[float]]] = {name: {"big": [], "dense": []} for name in conns}
+    for repeat in range(RUNS + 1):
+        for name, (client, _) in conns.items():
+            for kind, source, size in (("big", big, "1T"), ("dense", dense, "1G")):
+                if os.path.exists(target):
+                    os.remove(target)
+                sh("qemu-img", "create", "-q", "-f", "qcow2", target, size)
+                os.sync()
+                client.execute("blockdev-add", qcow2_node("src", source, **{"read-only": True}))
+                client.execute("blockdev-add", qcow2_node("tgt", target))
+                watcher = watchers[name]
+                with watcher:
+                    seconds = run_job(client, "blockdev-backup",
+                                      {"device": "src", "target": "tgt", "sync": "full"})
+                if kind == "big":
+                    rss[name] = max(rss.get(name, 0), watcher.rss)
+                client.execute("blockdev-del", {"node-name": "src"})
+                client.execute("blockdev-del", {"node-name": "tgt"})
+                if repeat == 1:
+                    check_image(target)
+                    same_image(source, target)
+                if repeat:
+                    times[name][kind].append(seconds)
+    os.remove(target)
+    return {name: (statistics.median(t["big"]), statistics.median(t["dense"]))
+            for name, t in times.items()}
+
+
+def bench_mirror_sparse(given: str | None) -> None:
+    size = 512 * MIB
+    with bench_dir(given) as workdir:
+        source, target = os.path.join(workdir, "source.raw"), os.path.join(workdir, "target.raw")
+        write_random(source, size, [(i * 100 * MIB, MIB) for i in range(5)])
+        ready: dict[str, list[float]] = {}
+        with both_daemons(workdir) as conns:
+            for repeat in range(RUNS + 1):
+                for name, (client,) in conns.items():
+                    fresh_target(target, size)
+                    client.events.clear()
+                    client.execute("blockdev-add", {"driver": "file", "node-name": "src",
+                                                    "filename": source, "read-only": True})
+                    client.execute("blockdev-add", {"driver": "file", "node-name": "tgt",
+                                                    "filename": target})
+                    start = time.perf_counter()
+                    client.execute("blockdev-mirror", {"job-id": "j", "device": "src",
+                                                       "target": "tgt", "sync": "full"})
+                    client.event("BLOCK_JOB_READY", device="j")
+                    seconds = time.perf_counter() - start
+                    client.execute("job-cancel", {"id": "j"})
+                    client.event("JOB_STATUS_CHANGE", id="j", status="null")
+                    client.execute("blockdev-del", {"node-name": "tgt"})
+                    client.execute("blockdev-del", {"node-name": "src"})
+                    if repeat:
+                        ready.setdefault(name, []).append(seconds * 1e3)
+            kept = allocated(target)
+        fs = filesystem(workdir)
+    print(f"mirror-sparse: 512 MiB raw holding 5 MiB, blockdev-mirror sync=full to a sparse "
+          f"raw file on {fs}: time to READY, median of {RUNS} (target holds "
+          f"{kept / MIB:.0f} MiB)")
+    medians = {name: statistics.median(times) for name, times in ready.items()}
+    for name, times in ready.items():
+        print(f"  {name:20} {medians[name]:7.1f} ms   runs "
+              + " ".join(f"{t:.1f}" for t in times))
+    print(f"  ratio qmpjobd/QSD time: {medians['qmpjobd'] / medians['qemu-storage-daemon']:.2f}")
