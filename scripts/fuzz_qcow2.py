@@ -20,7 +20,6 @@ a file that failed to open, or was opened read-only, must be byte for byte what 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import struct
@@ -374,8 +373,8 @@ def read_all(node: Node, rng: random.Random) -> str | None:
 
 class Workspace:
     """The directory inputs are opened in. A file is written only where it differs from what
-    the directory holds (most inputs damage one image of a chain), and whether the driver wrote
-    a file is told by its stat (size, modification and change times), not by reading it back."""
+    the directory holds (most inputs damage one image of a chain); whether the driver wrote a
+    file is told by reading it back (file times are too coarse to tell)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -384,7 +383,7 @@ class Workspace:
             old.unlink() if old.is_file() else shutil.rmtree(old)
         self.held: dict[str, bytes] = {}
 
-    def place(self, files: dict[str, bytes]) -> dict[str, tuple[int, int, int]]:
+    def place(self, files: dict[str, bytes]) -> None:
         for name in list(self.held):
             if name not in files:
                 path = self.directory / name
@@ -394,22 +393,19 @@ class Workspace:
             if self.held.get(name) != data:
                 (self.directory / name).write_bytes(data)
                 self.held[name] = data
-        return {name: self._stat(name) for name in files}
 
-    def _stat(self, name: str) -> tuple[int, int, int]:
-        st = os.stat(self.directory / name)
-        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-    def written(self, before: dict[str, tuple[int, int, int]]) -> list[str]:
-        """The files changed since BEFORE (forgotten, to be written afresh next time)."""
-        changed = [name for name, stat in before.items() if self._stat(name) != stat]
+    def written(self) -> list[str]:
+        """The files that no longer hold what was placed (forgotten, to be written afresh
+        next time)."""
+        changed = [name for name, data in self.held.items()
+                   if (self.directory / name).read_bytes() != data]
         for name in changed:
             del self.held[name]
         return changed
 
 
 async def run_case(case: Case, space: Workspace, rng: random.Random) -> Outcome:
-    before = space.place(case.files)
+    space.place(case.files)
     graph = BlockGraph()
     options: dict[str, Any] = {
         "driver": "qcow2", "node-name": NODE, "read-only": case.read_only,
@@ -437,7 +433,7 @@ async def run_case(case: Case, space: Workspace, rng: random.Random) -> Outcome:
     seconds = time.monotonic() - start
     if failure is None and seconds > HANG_LIMIT:
         failure = f"took {seconds:.2f} s (over {HANG_LIMIT} s)"
-    written = space.written(before)
+    written = space.written()
     if failure is None and written and (case.read_only or not opened):
         failure = f"{', '.join(written)} written ({'read-only' if opened else 'not opened'})"
     return Outcome(opened, error, failure, seconds)
@@ -466,6 +462,12 @@ async def fuzz(count: int, seconds: float | None, seed: int, workdir: Path,
             break
         case = mutate(rng, seeds)
         outcome = await run_case(case, space, rng)
+        if outcome.failure is not None and outcome.seconds > HANG_LIMIT:
+            # Over the limit once may be the machine (a loaded CI runner): the same input
+            # again, and only a second time counts.
+            again = await run_case(case, space, random.Random(index))
+            if again.seconds <= HANG_LIMIT:
+                outcome = again
         report["inputs"] += 1
         report["slowest"] = max(report["slowest"], outcome.seconds)
         if outcome.opened:

@@ -578,11 +578,27 @@ def test_drive_targets_refused(talk: Conversation) -> None:
         ("drive-mirror", {"sync": "top", "format": "raw", "target": "DIR/x.raw"}),
         ("drive-mirror", {"sync": "full", "format": "qcow2", "target": "DIR/none.qcow2",
                           "mode": "existing"}),
+        # Images of the chain itself: nothing is made over them.
+        ("drive-backup", {"sync": "top", "format": "qcow2", "target": "DIR/mid.qcow2"}),
+        ("drive-backup", {"sync": "full", "format": "qcow2", "target": "DIR/top.qcow2"}),
+        ("drive-backup", {"sync": "full", "format": "raw", "target": "DIR/mid.qcow2"}),
+        ("drive-mirror", {"sync": "full", "format": "qcow2", "target": "DIR/mid.qcow2"}),
     ):
         talk.cmd(command, {"job-id": "j", "device": "top", **arguments})
     talk.cmd("query-jobs")
     talk.nodes()
+    # The chain's raw base: its node holds no image lock, and QSD empties the file before it
+    # refuses the job; qmpjobd refuses it untouched (docs/compat.md).
+    ours = talk.sides[1]
+    before = (ours.dir / "base.raw").read_bytes()
+    assert ours.conn.execute("drive-mirror", {
+        "job-id": "j", "device": "top", "sync": "full", "format": "raw",
+        "target": str(ours.dir / "base.raw")}) == {
+        "error": {"class": "GenericError", "desc": 'Failed to get "write" lock'}}
+    assert (ours.dir / "base.raw").read_bytes() == before
+    assert ours.conn.execute("query-jobs") == {"return": []}
     talk.cmd("blockdev-del", {"node-name": "top"})
+    talk.images(*IMAGES["three"])
 
 
 @pytest.mark.parametrize("target", ["small", "raw"])

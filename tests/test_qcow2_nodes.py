@@ -136,7 +136,7 @@ def test_images_that_do_not_open(sides: list[Side], name: str, image: str,
     chain(sides)
     reply = replies(sides, "blockdev-add", qcow2(name, image, **extra))
     assert "error" in reply
-    if name == "not-qcow2":
+    if name in ("not-qcow2", "missing", "missing-ro"):  # names the image and node
         assert reply["error"]["desc"].startswith(f"Image 'DIR/{image}' (node '{name}'): ")
     assert same_nodes(sides) == []
 

@@ -211,7 +211,7 @@ async def drop_intermediate(
             if was_read_only:
                 overlay.reopen(True)
 
-    if base is not None:
+    if base is not None and not base.read_only:
         # What a commit wrote into the base is on disk before the overlay's header makes the
         # base what the chain reads: a crash between the two must not lose it.
         await base.flush()

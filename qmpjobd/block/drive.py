@@ -114,7 +114,7 @@ async def drive_mirror_job(graph: BlockGraph, jobs: JobManager, args: dict[str, 
     # The target takes the source's open flags: discard among them. Its backing file is not
     # opened: the mirror copies what the target must hold, and the target is closed when the
     # job ends (QEMU attaches the chain below for the moment between).
-    extra = {"discard": "unmap"} if source.can_zero_with_unmap() else {}
+    extra = {"discard": "unmap"} if source.discard else {}
     return await _job_on_own_target(
         graph, jobs, source, args, extra, make, "consistent read",
         None if sync == "full" else backing, open_backing=False)
@@ -167,6 +167,10 @@ async def _open_target(
             if not DRIVERS[fmt].node_type.takes_backing:
                 raise BlockError(f"Backing file not supported for file format '{fmt}'")
             named = (file_name(backing), backing.driver)
+            if named[0] == filename:
+                raise BlockError("Error: Trying to create an image with the same filename as "
+                                 "the backing file")
+        await trio.to_thread.run_sync(_refuse_open_file, graph, filename)
         await trio.to_thread.run_sync(make_image, filename, source.size, named)
     elif fmt is None:
         fmt = await trio.to_thread.run_sync(probe_format, filename)
@@ -183,6 +187,20 @@ async def _open_target(
     node = await open_internal(graph, options)
     graph.add_internal(node)
     return node
+
+
+def _refuse_open_file(graph: BlockGraph, filename: str) -> None:
+    """A new image is not made over a file a node has open (QSD empties one whose nodes hold
+    no image lock, the source's own raw file among them: docs/compat.md). Blocking."""
+    try:
+        st = os.stat(filename)
+    except OSError:
+        return  # nothing there yet (or nothing reachable: the creation says why)
+    for node in [*graph.nodes(), *graph.internal_nodes()]:
+        if isinstance(node, FileNode) and node.fd >= 0:
+            other = os.fstat(node.fd)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                raise BlockError('Failed to get "write" lock')
 
 
 def _lock_conflict(graph: BlockGraph, target: Node, lock: str) -> str | None:
@@ -214,13 +232,23 @@ async def close_target(graph: BlockGraph, node: Node) -> None:
 
 
 def _close_when_ended(graph: BlockGraph, jobs: JobManager, job: BlockJob, target: Node) -> None:
+    """The target is closed once the job's work has stopped (before it reports how it ended,
+    as QEMU's clean-up), or once the job has gone if it never ran."""
     graph.hold(target, job)
+    closed = False
+
+    async def close_once() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await close_target(graph, target)
+
+    job.cleanups.append(close_once)
 
     async def watch() -> None:
         while not job.finished:
             await job.changed()
         with trio.CancelScope(shield=True):
-            await close_target(graph, target)
+            await close_once()
 
     jobs.start_soon(watch)
-

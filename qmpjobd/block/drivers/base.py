@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -80,6 +81,8 @@ class Node:
         # Nodes whose child this is (a raw node over it), and whether the monitor owns it (a
         # root given to blockdev-add) or a parent does (an inline child, deleted with it).
         self.parents: list[Node] = []
+        # Opened with discard=unmap (its own or its parent's): QEMU's BDRV_O_UNMAP.
+        self.discard = False
         self.monitor_owned = True
         # The node that opened this one as part of itself, and closes it (None: the monitor's
         # or a job's).
@@ -215,6 +218,19 @@ class Node:
         place; None otherwise (a node that keeps no bytes, a format that maps them)."""
         return None
 
+    def data_extent(self, offset: int, length: int) -> HostExtent | None:
+        """Where the first bytes of the range can be copied from as they read, in the kernel:
+        a piece of a host file (its LENGTH may be shorter than asked), or None where they are
+        not kept as they read (zeroes, compressed data). A format answers for the data of its
+        own layer and of the chain below it. Blocking."""
+        return self.host_extent(offset, length)
+
+    def write_from_sync(self, offset: int, source: HostExtent) -> None:
+        """SOURCE's bytes written at OFFSET as write_exact_sync writes them; a node over a
+        host file has the kernel copy them (os.copy_file_range) where it can. Blocking."""
+        data = os.pread(source.file.fd, source.length, source.offset)
+        self.write_exact_sync(offset, data + bytes(source.length - len(data)))
+
     # -- what query-named-block-nodes reports ---------------------------------------------------
 
     @property
@@ -282,6 +298,12 @@ class Opener(Protocol):
     ) -> Node:
         """A child given inline (a dict of options), opened with INHERITED settings."""
         ...
+
+
+def discard_option(options: dict[str, Any], inherited: dict[str, Any]) -> str:
+    """A node's discard setting: its own, else its parent's (QEMU's children inherit it)."""
+    value: str = options.get("discard", inherited.get("discard", "ignore"))
+    return value
 
 
 OpenNode = Callable[[Opener, str, dict[str, Any], dict[str, Any]], Awaitable[Node]]

@@ -24,18 +24,16 @@ import trio
 
 from ..errors import BlockError
 from . import file_create
-from .base import Driver, Extent, HostExtent, Node, Opener, sectors_up
+from .base import Driver, Extent, HostExtent, Node, Opener, discard_option, sectors_up
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-# F_OFD_* are in Linux's fcntl.h; Python's fcntl module has them only on some builds.
-_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-# QEMU's lock bytes: 100 + permission bit for each permission a node holds, 200 + bit for each
-# permission it refuses to share. WRITE is permission bit 1.
-_LOCK_PERM_BASE = 100
-_LOCK_SHARED_BASE = 200
-_PERM_WRITE_BIT = 1
+# QEMU's lock bytes (file_create.py says which).
+_F_OFD_GETLK = file_create.F_OFD_GETLK
+_F_OFD_SETLK = file_create.F_OFD_SETLK
+_LOCK_PERM_BASE = file_create.LOCK_PERM_BASE
+_LOCK_SHARED_BASE = file_create.LOCK_SHARED_BASE
+_PERM_WRITE_BIT = file_create.PERM_WRITE_BIT
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -349,6 +347,26 @@ class FileNode(Node):
     def host_extent(self, offset: int, length: int) -> HostExtent | None:
         return HostExtent(self, offset, length)
 
+    def write_from_sync(self, offset: int, source: HostExtent) -> None:
+        if self.direct:
+            super().write_from_sync(offset, source)
+            return
+        copied = 0
+        try:
+            while copied < source.length:
+                n = os.copy_file_range(source.file.fd, self.fd, source.length - copied,
+                                       source.offset + copied, offset + copied)
+                if n == 0:
+                    break  # the source ends: what is left reads as zeroes
+                copied += n
+        except OSError:
+            pass  # by hand from where it stopped (another file system, no support)
+        if copied:
+            self.grew_to(offset + copied)
+        if copied < source.length:
+            rest = HostExtent(source.file, source.offset + copied, source.length - copied)
+            super().write_from_sync(offset + copied, rest)
+
     def exact_filename(self) -> str:
         return self.filename
 
@@ -367,7 +385,7 @@ async def open_file_node(
     opener: Opener, name: str, options: dict[str, Any], inherited: dict[str, Any]
 ) -> Node:
     """blockdev-add's `file` driver, with QEMU's checks and messages."""
-    discard = options.get("discard", inherited.get("discard", "ignore")) == "unmap"
+    discard = discard_option(options, inherited) == "unmap"
     if options.get("detect-zeroes") == "unmap" and not discard:
         raise BlockError(
             "setting detect-zeroes to unmap is not allowed without setting discard operation to "

@@ -18,6 +18,14 @@ FIRST_BLOCK = 4096
 _GETFLAGS = 0x80086601
 _SETFLAGS = 0x40086602
 _NOCOW = 0x00800000
+# F_OFD_* are in Linux's fcntl.h; Python's fcntl module has them only on some builds.
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+# QEMU's lock bytes: 100 + permission bit for each permission a node holds, 200 + bit for each
+# permission it refuses to share. WRITE is permission bit 1.
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+PERM_WRITE_BIT = 1
 
 
 def _strerror(exc: OSError) -> str:
@@ -34,13 +42,30 @@ def _set_nocow(fd: int) -> None:
         pass  # best effort, as QEMU
 
 
+def _write_refused(fd: int) -> bool:
+    """Whether another open description of the file refuses to share the write permission
+    (holds QEMU's lock byte for it: a format node over the file, reading or writing)."""
+    probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET,
+                        LOCK_SHARED_BASE + PERM_WRITE_BIT, 1, 0)
+    try:
+        found = fcntl.fcntl(fd, F_OFD_GETLK, probe)
+    except OSError:
+        return False  # no OFD locks here: nothing to ask
+    kind: int = struct.unpack("hhqqi4x", found)[0]
+    return kind != fcntl.F_UNLCK
+
+
 def create_file(filename: str, size: int, preallocation: str, nocow: bool) -> None:
-    """Create (or truncate) FILENAME to SIZE bytes; BlockError with QEMU's words."""
+    """Create (or truncate) FILENAME to SIZE bytes; BlockError with QEMU's words. An image
+    another node uses (it holds the lock that refuses writers) is left alone, as QEMU's
+    file-posix leaves it."""
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise BlockError(f"Could not create '{filename}': {_strerror(e)}") from None
     try:
+        if _write_refused(fd):
+            raise BlockError('Failed to get "write" lock')
         if preallocation not in ("off", "falloc", "full"):
             raise BlockError(f"Unsupported preallocation mode: {preallocation}")
         if nocow:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BlockError
-from .base import SECTOR, Driver, Extent, HostExtent, Node, Opener, sectors_up
+from .base import SECTOR, Driver, Extent, HostExtent, Node, Opener, discard_option, sectors_up
 from .file_create import make_image
 
 
@@ -70,6 +70,9 @@ class RawNode(Node):
     def host_extent(self, offset: int, length: int) -> HostExtent | None:
         return self.file.host_extent(self.offset + offset, length)
 
+    def write_from_sync(self, offset: int, source: HostExtent) -> None:
+        self.file.write_from_sync(self.offset + offset, source)
+
     def format_info(self) -> dict[str, Any]:
         return self.file.format_info()  # raw passes QEMU's get-info down
 
@@ -90,9 +93,9 @@ async def open_raw(
         # An inline child takes its parent's read-only, cache and discard settings unless it
         # has its own.
         cache = {**inherited.get("cache", {}), **options.get("cache", {})}
-        discard = options.get("discard", inherited.get("discard", "ignore"))
-        child = await opener.open_child(
-            name, ref, {"read-only": read_only, "cache": cache, "discard": discard})
+        child = await opener.open_child(name, ref, {
+            "read-only": read_only, "cache": cache,
+            "discard": discard_option(options, inherited)})
         inline = True
     try:
         offset = options.get("offset", 0)
@@ -120,6 +123,7 @@ async def open_raw(
             await child.close()
         raise
     node = RawNode(name, child, offset, sectors_up(size if has_size else real - offset), read_only)
+    node.discard = discard_option(options, inherited) == "unmap"
     child.monitor_owned = not inline
     if inline:
         child.owner = node

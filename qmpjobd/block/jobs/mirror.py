@@ -97,18 +97,23 @@ class MirrorJob(BlockJob):
 
     async def _zero_target(self) -> None:
         """The whole target zeroed, its space freed, in QEMU's pieces (the largest multiple of
-        the granularity an int holds), each a pause point."""
+        the granularity an int holds), each a pause point; a failed piece goes to the error
+        policy as a failed write does."""
         piece = (1 << 31) - 1
         piece -= piece % self.granularity
-        for offset in range(0, self.source.size, piece):
+        offset = 0
+        while offset < self.source.size:
             await self.pause_point()
-            if self.is_cancelled:
-                return
             length = min(piece, self.source.size - offset)
             try:
                 await trio.to_thread.run_sync(self.target.zero_sync, offset, length, True)
             except OSError as e:
-                raise JobError(os.strerror(e.errno or 5)) from None
+                action = self.io_failed(CopyFailed("write", e, 0))
+                if action == "report":
+                    raise
+                await self.retry_after(action)
+                continue
+            offset += length
 
     async def _copy_range(self, offset: int, length: int) -> None:
         if not (self.source.cluster_size or self.target.cluster_size):

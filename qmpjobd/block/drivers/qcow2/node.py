@@ -24,12 +24,12 @@ from typing import Any, Final
 import trio
 
 from ...errors import BlockError
-from ..base import Driver, Extent, Node, Opener
+from ..base import Driver, Extent, HostExtent, Node, Opener, discard_option
 from ..file import FileNode
 from ..filenames import filename
 from .create import check_options, format_image, make_image
 from .header import MAGIC, Qcow2Error
-from .hostfile import HostFile, open_write_log
+from .hostfile import HostFile, WriteLog, open_write_log
 from .image import Kind, Qcow2Image
 from .tables import L2_CACHE_MAX
 
@@ -212,6 +212,27 @@ class Qcow2Node(Node):
         below = backing.block_status(offset, min(run, backing.size - offset))
         return Extent(below.length, zero=below.zero, allocated=False)
 
+    def data_extent(self, offset: int, length: int) -> HostExtent | None:
+        try:
+            run, kind, host = self.image.status(offset, length)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+        if kind is Kind.NORMAL and host is not None:
+            return HostExtent(self.file, host, run)
+        backing = self.backing
+        if kind is Kind.UNALLOCATED and backing is not None and offset < backing.size:
+            return backing.data_extent(offset, min(run, backing.size - offset))
+        return None
+
+    def write_from_sync(self, offset: int, source: HostExtent) -> None:
+        if self.detect_zeroes != "off":
+            super().write_from_sync(offset, source)  # the data must be looked at
+            return
+        try:
+            self.image.write(offset, (source.file.fd, source.offset), source.length)
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+
     def allocation(self, offset: int, length: int) -> tuple[bool, int]:
         try:
             run, kind, _ = self.image.status(offset, length)
@@ -308,10 +329,11 @@ async def open_qcow2(
     if isinstance(ref, str):
         child = opener.lookup(ref)
     else:
-        discard = options.get("discard", inherited.get("discard", "ignore"))
-        child = await opener.open_child(
-            name, ref, {"read-only": read_only, "cache": cache, "discard": discard})
+        child = await opener.open_child(name, ref, {
+            "read-only": read_only, "cache": cache,
+            "discard": discard_option(options, inherited)})
     node: Qcow2Node | None = None
+    log: WriteLog | None = None
     try:
         if not isinstance(child, FileNode):
             raise BlockError(f"qcow2 node '{name}': its file must be a 'file' node in qmpjobd")
@@ -337,7 +359,7 @@ async def open_qcow2(
         image.tables.resize_cache()
         node = Qcow2Node(name, child, image, read_only=read_only,
                          detect_zeroes=options.get("detect-zeroes", "off"),
-                         discard=options.get("discard", inherited.get("discard")) == "unmap")
+                         discard=discard_option(options, inherited) == "unmap")
         child.monitor_owned = not inline
         if inline:
             child.owner = node
@@ -359,6 +381,8 @@ async def open_qcow2(
             elif isinstance(child, FileNode):
                 child.drop_write()
                 child.drop_shared()
+                if log is not None:
+                    log.close()
             if inline:
                 await child.close()
         raise

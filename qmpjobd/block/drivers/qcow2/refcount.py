@@ -434,12 +434,17 @@ def repair(file: HostFile, header: Header, tables: Tables, refcounts: Refcounts,
         raise Qcow2Error(f"Cluster {crowded[0] * cluster_size:#x} is used more often than a "
                          f"{refcounts.bits}-bit count holds")
     end = -(-file.size // cluster_size)
-    refcounts.free_index = max(refcounts.free_index, end, max(uses, default=0) + 1)
-    for _ in range(8):
-        result = compare(count_uses(file, header, tables, refcounts), refcounts)
+    beyond = [n for n in uses if n >= end]
+    if beyond:
+        raise Qcow2Error(f"Cluster {min(beyond) * cluster_size:#x} is used but lies past the end "
+                         "of the image file")
+    refcounts.free_index = max(refcounts.free_index, end)
+    for round_ in range(8):
+        if round_:
+            uses = count_uses(file, header, tables, refcounts)
+        result = compare(uses, refcounts)
         if not result.leaks and not result.corruptions:
             return
-        uses = count_uses(file, header, tables, refcounts)
         for cluster in sorted({*result.leaks, *result.corruptions}):
             while True:
                 delta = uses.get(cluster, 0) - refcounts.get(cluster)
