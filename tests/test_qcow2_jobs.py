@@ -104,6 +104,15 @@ class Conversation:
                           and e["data"] == {"id": job, "status": status} for e in conn.events):
                 conn.events.append(conn.receive(timeout=WAIT))
 
+    def released(self, image: str) -> None:
+        """Until no node of either daemon has IMAGE open: qmpjobd closes a drive-* target
+        just after its job has concluded, QSD just before (docs/compat.md)."""
+        for side in self.sides:
+            path = str(side.dir / image)
+            while any(n["file"] == path for n in side.conn.execute(
+                    "query-named-block-nodes")["return"]):
+                pass
+
     def events(self, *, pauses: bool = True) -> list[Any]:
         """The events so far (without timestamps), equal on both sides; cleared. Without
         PAUSES, a job's `running` and `paused` are left out: QSD pauses a backup as it starts
@@ -515,6 +524,7 @@ def test_drive_backup_qcow2(talk: Conversation, chain: str, sync: str, mode: str
     events = talk.events(pauses=False)
     assert events[-3]["event"] == ("BLOCK_JOB_CANCELLED" if sync == "none"
                                    else "BLOCK_JOB_COMPLETED")
+    talk.released(target)
     talk.nodes()  # the target closed, the source's chain as it was
     talk.cmd("blockdev-del", {"node-name": "top"})
     talk.images(target, *IMAGES[chain])
@@ -552,6 +562,7 @@ def test_drive_mirror_qcow2(talk: Conversation, chain: str, sync: str, mode: str
     talk.cmd(end, {"device": "m"} if end == "block-job-cancel" else {"id": "m"})
     talk.wait("m", "null")
     talk.events()
+    talk.released(target)
     talk.nodes()
     talk.cmd("blockdev-del", {"node-name": "top"})
     if sync != "none":

@@ -232,23 +232,14 @@ async def close_target(graph: BlockGraph, node: Node) -> None:
 
 
 def _close_when_ended(graph: BlockGraph, jobs: JobManager, job: BlockJob, target: Node) -> None:
-    """The target is closed once the job's work has stopped (before it reports how it ended,
-    as QEMU's clean-up), or once the job has gone if it never ran."""
+    """The target is listed and held until the job has concluded, then closed (QEMU closes it
+    as the job finalizes, just before `concluded`: docs/compat.md)."""
     graph.hold(target, job)
-    closed = False
-
-    async def close_once() -> None:
-        nonlocal closed
-        if not closed:
-            closed = True
-            await close_target(graph, target)
-
-    job.cleanups.append(close_once)
 
     async def watch() -> None:
         while not job.finished:
             await job.changed()
         with trio.CancelScope(shield=True):
-            await close_once()
+            await close_target(graph, target)
 
     jobs.start_soon(watch)

@@ -11,7 +11,7 @@ The statuses, verbs and their tables are in status.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import trio
@@ -46,9 +46,6 @@ class Job:
         self.cancelled = False
         self.force_cancel = False
         self.work_done = False  # run() has returned or raised
-        # Run once the work has stopped, before the job reports how it ended (QEMU's clean:
-        # a drive-* target closed, so that its image is free when the client hears).
-        self.cleanups: list[Callable[[], Awaitable[None]]] = []
         self.error: str | None = None
         self.progress_current = 0
         self.progress_total = 0
@@ -361,12 +358,6 @@ class Job:
             # A bug: the job fails, the daemon goes on.
             log.exception("job %s failed unexpectedly", self.id)
             error = "internal error; the daemon's log has the details"
-        for cleanup in self.cleanups:
-            with trio.CancelScope(shield=True):
-                try:
-                    await cleanup()
-                except Exception:
-                    log.exception("job %s could not clean up", self.id)
         self.work_done = True
         self.busy = False
         self._blocked()

@@ -31,6 +31,8 @@ DEFAULT_BUF_SIZE = 1 << 24
 # target makes every request in flight fail: one BLOCK_JOB_ERROR each, as QSD sends them.
 MAX_IN_FLIGHT = 16
 MIN_REQUEST = 1 << 20
+# The longest run of zeroes one request of a job without a speed limit covers.
+ZERO_RUN = 1 << 30
 
 
 def _physical_memory() -> int:
@@ -158,14 +160,19 @@ class MirrorJob(BlockJob):
                 self.progress_current += failure.done
             await self.retry_after("stop" if "stop" in actions else "ignore")
 
-    def _requests(self, ranges: list[tuple[int, int]], request: int) -> list[
-            tuple[int, int, bool]]:
+    def _requests(
+        self, ranges: list[tuple[int, int]], request: int
+    ) -> list[tuple[int, int, bool]]:
         """RANGES cut into the job's requests, (offset, length, zero): REQUEST bytes each, and
-        where the source reads as zeroes, consecutive requests joined into one of up to the
-        buffer's size (QEMU's mirror takes a run of zeroes in one step, as long as its dirty
-        chunks). The scan costs a block status call per extent, not per request. Blocking."""
+        where the source reads as zeroes, consecutive requests joined into one (QEMU's mirror
+        takes a run of zeroes in one step, as long as its dirty chunks: the buffer's size; a
+        job without a speed limit takes up to ZERO_RUN at once, so that the time to READY
+        goes with the extents, not the size). The scan costs a block status call per extent,
+        not per request. Blocking."""
         todo: list[tuple[int, int, bool]] = []
         run_limit = max(request, self.buf_size - self.buf_size % request)
+        if not self.speed:
+            run_limit = max(run_limit, ZERO_RUN - ZERO_RUN % request)
         for start, length in ranges:
             end = start + length
             extents = self._extents(start, end)

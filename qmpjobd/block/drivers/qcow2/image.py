@@ -225,6 +225,10 @@ class Qcow2Image:
         first = tables.lookup(offset)
         host = first.host + offset % cluster if first.kind is Kind.NORMAL else None
         position = offset - offset % cluster + cluster
+        if first.kind is Kind.UNALLOCATED or (first.kind is Kind.ZERO and not first.host):
+            # Runs of one entry (nothing, or a zero flag alone) are measured in one go.
+            start = offset - offset % cluster
+            position = start + cluster * tables.same_entries(start, -(-(end - start) // cluster))
         while position < end:
             if first.kind is Kind.UNALLOCATED:
                 # A range with no L2 table is unallocated all through.
@@ -411,6 +415,23 @@ class Qcow2Image:
         if self.header.version < 3:
             self._discard_clusters(start, end)
             return
+        # A stretch of a table with nothing allocated in it (a fresh image, a sparse one)
+        # takes the zero flag in one slice: zeroing a TiB must not cost a step per cluster.
+        cluster = self.cluster_size
+        span = self.tables.l2_entries * cluster
+        position = start
+        while position < end:
+            stop = min(end, position - position % span + span)
+            first = (position // cluster) % self.tables.l2_entries
+            last = first + -(-(stop - position) // cluster)
+            l2_offset = self._table_for_write(position)
+            if not any(self.tables.l2(l2_offset)[first:last]):
+                self.tables.fill_entries(l2_offset, first, last, ZERO)
+            else:
+                self._zero_entries(position, stop, may_unmap)
+            position = stop
+
+    def _zero_entries(self, start: int, end: int, may_unmap: bool) -> None:
         for l2_offset, index, entry in self._entries_for_write(start, end):
             mapping = self._meaning(entry)
             unmap = mapping.kind is Kind.COMPRESSED or (

@@ -136,6 +136,11 @@ class Tables:
         self.l2(l2_offset)[index] = value
         self.l2_dirty.add(l2_offset)
 
+    def fill_entries(self, l2_offset: int, first: int, last: int, value: int) -> None:
+        """Entries FIRST..LAST-1 of the table at L2_OFFSET all become VALUE (one slice)."""
+        self.l2(l2_offset)[first:last] = array("Q", [value]) * (last - first)
+        self.l2_dirty.add(l2_offset)
+
     def set_l1(self, index: int, value: int) -> None:
         self.l1[index] = value
         self.l1_dirty.add(index)
@@ -166,6 +171,34 @@ class Tables:
                          encode(self.l1[first:last + 1])))
             start = end
         return runs
+
+    def same_entries(self, guest: int, limit: int) -> int:
+        """How many clusters from GUEST's on (at most LIMIT, within its L2 table) have the
+        very entry GUEST's has: a run of unallocated or zero clusters, measured on the
+        table's bytes (a sparse image's status must not cost a step per cluster)."""
+        index = guest >> self.cluster_bits
+        l1_index, l2_index = divmod(index, self.l2_entries)
+        if l1_index >= len(self.l1) or not self.l1[l1_index] & OFFSET_MASK:
+            return limit
+        table = self.l2(self.l1[l1_index] & OFFSET_MASK)
+        stop = min(l2_index + limit, len(table))
+        raw = memoryview(table)[l2_index:stop].cast("B")
+        word = bytes(raw[:8])
+        count = stop - l2_index
+        if word == bytes(8):
+            return (len(raw) - len(bytes(raw).lstrip(b"\0"))) // 8 or 1
+        # Exponential, then binary search for the first entry that differs.
+        low, high = 1, 1
+        while high < count and raw[:8 * min(2 * high, count)] == word * min(2 * high, count):
+            low = high = min(2 * high, count)
+        high = min(2 * high, count)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if raw[:8 * middle] == word * middle:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     # -- what an entry means -----------------------------------------------------------------
 
