@@ -22,6 +22,29 @@ _READY = frozenset({JobStatus.READY, JobStatus.STANDBY})
 IGNORED_ERROR_RETRY_NS = 10_000_000
 
 
+# The most bytes a walk copies between two pause points when the job has no speed limit.
+WALK_BATCH = 8 << 20
+# ... and the most it walks over (pieces it need not copy cost little, but not nothing).
+WALK_SPAN = 1 << 30
+
+
+def _walk_pieces(step: Callable[[int], tuple[int, bool]], offset: int, size: int,
+                 batch: int) -> tuple[int, int, CopyFailed | None]:
+    """STEP over the pieces from OFFSET: one, or as many as copy up to BATCH bytes; (bytes
+    walked, bytes copied, the failure that stopped the walk or None). In a worker thread."""
+    walked = copied = 0
+    while offset + walked < size:
+        try:
+            n, did_copy = step(offset + walked)
+        except CopyFailed as failure:
+            return walked, copied, failure
+        walked += n
+        copied += n if did_copy else 0
+        if copied >= batch or walked >= WALK_SPAN or not batch:
+            break
+    return walked, copied, None
+
+
 class BlockJob(Job):
     """A job that reads a source node and writes a target node, holding both while it runs."""
 
@@ -99,24 +122,26 @@ class BlockJob(Job):
         offset = delay = 0
         while offset < size:
             await self.sleep_ns(delay)
+            # Without a speed limit the pieces between two pause points go to the worker
+            # thread together (up to WALK_BATCH bytes copied): no sleep would come between
+            # them, and a trip to the thread per piece would cost more than many a copy.
+            batch = WALK_BATCH if not self.speed else 0
+            n = copied_bytes = 0
+            failure: CopyFailed | None = None
+            self.io_begin()
             try:
-                n, copied = await self._io(step, offset)
-            except CopyFailed as failure:
+                n, copied_bytes, failure = await trio.to_thread.run_sync(
+                    _walk_pieces, step, offset, size, batch)
+            finally:
+                self.io_end()
+            offset += n
+            self.progress_current += n
+            delay = self.limit.delay_ns(copied_bytes) if copied_bytes else 0
+            if failure is not None:
                 action = self.io_failed(failure)
                 if action == "report":
                     raise failure.error from None
                 await self.retry_after(action)
-                continue
-            offset += n
-            self.progress_current += n
-            delay = self.limit.delay_ns(n) if copied else 0
-
-    async def _io(self, step: Callable[[int], tuple[int, bool]], offset: int) -> tuple[int, bool]:
-        self.io_begin()
-        try:
-            return await trio.to_thread.run_sync(step, offset)
-        finally:
-            self.io_end()
 
     def user_resume(self) -> None:
         super().user_resume()
