@@ -143,14 +143,17 @@ class Qcow2Image:
             self._marked_dirty = True
 
     def close(self) -> None:
-        """Write everything out; an image marked dirty for lazy refcounts is clean again."""
+        """Write everything out; an image marked dirty for lazy refcounts is clean again. The
+        caches are let go of (up to 32 MiB of tables: a closed node someone still refers to
+        must not keep them)."""
         with self.lock:
-            if not self.writable:
-                return
-            self._flush_locked()
-            if self._marked_dirty:
-                self._set_incompatible(self.header.incompatible_features & ~hdr.DIRTY)
-                self._marked_dirty = False
+            if self.writable:
+                self._flush_locked()
+                if self._marked_dirty:
+                    self._set_incompatible(self.header.incompatible_features & ~hdr.DIRTY)
+                    self._marked_dirty = False
+            self.tables.drop_cache()
+            self.refcounts.drop_cache()
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -89,6 +89,11 @@ class Refcounts:
         # Clusters to free once nothing on disk points at them: (offset, length).
         self.pending_frees: list[tuple[int, int]] = []
 
+    def drop_cache(self) -> None:
+        """Forget the cached refcount blocks, once all are written out."""
+        if not self.dirty:
+            self._blocks.clear()
+
     # -- entries -----------------------------------------------------------------------------
 
     def _block(self, offset: int) -> bytearray:

@@ -145,6 +145,11 @@ class Tables:
         self.l1[index] = value
         self.l1_dirty.add(index)
 
+    def drop_cache(self) -> None:
+        """Forget the cached tables, once all are written out."""
+        if not self.l2_dirty:
+            self._cache.clear()
+
     def drop(self, offset: int) -> None:
         """Forget the table at OFFSET (its cluster is freed)."""
         self._cache.pop(offset, None)
