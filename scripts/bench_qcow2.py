@@ -1,5 +1,8 @@
-"""qcow2 benchmarks of scripts/bench.py (modes `qcow2` and `mirror-sparse`), each side by side
-with qemu-storage-daemon in the same run, as ratios.
+#!/usr/bin/env python3
+"""qcow2 benchmarks of scripts/bench.py (modes `qcow2` and `mirror-sparse`, which run this
+script), each side by side with qemu-storage-daemon in the same run, as ratios.
+
+    scripts/bench_qcow2.py qcow2|mirror-sparse [--dir DIR]
 
 qcow2: on 1 GiB images of 64 KiB clusters, with a second client sending query-jobs back to back
 while each job runs (monitor latency), 5 runs per daemon, interleaved, after an untimed round;
@@ -28,6 +31,7 @@ system without reflinks: ext4).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
@@ -366,3 +370,20 @@ def bench_mirror_sparse(given: str | None) -> None:
         print(f"  {name:20} {medians[name]:7.1f} ms   runs "
               + " ".join(f"{t:.1f}" for t in times))
     print(f"  ratio qmpjobd/QSD time: {medians['qmpjobd'] / medians['qemu-storage-daemon']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("what", choices=["qcow2", "mirror-sparse"])
+    parser.add_argument("--dir", help="where the image files go (default: a fresh directory "
+                        "under /var/tmp, removed at the end)")
+    args = parser.parse_args()
+    if args.what == "qcow2":
+        bench_qcow2(args.dir)
+    else:
+        bench_mirror_sparse(args.dir)
+
+
+if __name__ == "__main__":
+    main()
