@@ -12,7 +12,10 @@ offsets left out) shows the same allocation.
 from __future__ import annotations
 
 import difflib
+import fcntl
 import json
+import os
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from tests.test_block_files import sides as sides
 from tests.test_block_query import JOB_FILTERS, _normalise
 
 WAIT = 30.0
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 
 # Chains, as shell scripts run in each side's directory.
 CHAINS = {
@@ -105,13 +109,18 @@ class Conversation:
                 conn.events.append(conn.receive(timeout=WAIT))
 
     def released(self, image: str) -> None:
-        """Until no node of either daemon has IMAGE open: qmpjobd closes a drive-* target
-        just after its job has concluded, QSD just before (docs/compat.md)."""
+        """Until no daemon holds IMAGE's lock (QEMU's lock byte that refuses writers, which
+        every format node over the file takes): qmpjobd closes a drive-* target just after
+        its job has concluded, QSD just before (docs/compat.md)."""
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 201, 1, 0)
         for side in self.sides:
-            path = str(side.dir / image)
-            while any(n["file"] == path for n in side.conn.execute(
-                    "query-named-block-nodes")["return"]):
-                pass
+            fd = os.open(side.dir / image, os.O_RDONLY)
+            try:
+                while struct.unpack("hhqqi4x", fcntl.fcntl(fd, F_OFD_GETLK, probe))[0] != (
+                        fcntl.F_UNLCK):
+                    pass
+            finally:
+                os.close(fd)
 
     def events(self, *, pauses: bool = True) -> list[Any]:
         """The events so far (without timestamps), equal on both sides; cleared. Without
@@ -156,6 +165,7 @@ class Conversation:
                 if name.endswith(".qcow2"):
                     check = subprocess.run(["qemu-img", "check", "--output=json", str(path)],
                                            capture_output=True, text=True)
+                    assert check.stdout, (side.label, name, check.stderr)
                     result = json.loads(check.stdout)
                     assert not result.get("corruptions") and not result.get("leaks"), result
                 maps.append(merged_map(path))

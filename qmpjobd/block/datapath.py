@@ -131,13 +131,14 @@ async def copy_by_status(
     zero write on the target (freeing what held it if UNMAP and the target discards); every
     other piece, at least GRANULARITY long, is read and written as it is, zeroes included."""
     await trio.to_thread.run_sync(
-        _copy_by_status, source, target, offset, length, granularity, unmap
+        copy_by_status_sync, source, target, offset, length, granularity, unmap
     )
 
 
-def _copy_by_status(
+def copy_by_status_sync(
     source: Node, target: Node, offset: int, length: int, granularity: int, unmap: bool
 ) -> None:
+    """copy_by_status, in the worker thread the caller is in."""
     end = offset + length
     cluster = target.cluster_size or granularity
     pos = offset

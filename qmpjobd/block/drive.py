@@ -221,14 +221,17 @@ def _lock_conflict(graph: BlockGraph, target: Node, lock: str) -> str | None:
 
 
 async def close_target(graph: BlockGraph, node: Node) -> None:
-    """Flush and close a drive-* target (and its file node); the graph lets go of it."""
-    graph.remove_internal(node)
+    """Flush and close a drive-* target (and its file node); then the graph lets go of it, so
+    that once the node is no longer listed its image is free (its locks dropped)."""
     try:
         await node.flush()
     except OSError:
         pass  # QEMU closes the image whatever its flush says
     finally:
-        await close_with_owned(node)
+        try:
+            await close_with_owned(node)
+        finally:
+            graph.remove_internal(node)
 
 
 def _close_when_ended(graph: BlockGraph, jobs: JobManager, job: BlockJob, target: Node) -> None:

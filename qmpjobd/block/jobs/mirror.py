@@ -19,7 +19,7 @@ from ...jobs.job import Emit
 from ...jobs.manager import JobManager
 from ...jobs.status import JobStatus
 from ..chain import allocated_above
-from ..datapath import copy, copy_by_status, on_host_files
+from ..datapath import copy, copy_by_status, copy_by_status_sync, on_host_files
 from ..drivers.base import Node
 from ..errors import BlockError, CopyFailed
 from ..graph import BlockGraph
@@ -134,8 +134,12 @@ class MirrorJob(BlockJob):
             in_flight = 1
         todo = await trio.to_thread.run_sync(self._requests, ranges, request)
         todo.reverse()  # taken from the end: the copy goes front to back
+        formats = bool(self.source.cluster_size or self.target.cluster_size)
         while todo:
             await self.pause_point()
+            if in_flight == 1 and formats and not self.speed:
+                await self._copy_in_turn(todo)
+                continue
             batch = [todo.pop() for _ in range(min(in_flight, len(todo)))]
             failures: list[tuple[int, int, bool, CopyFailed]] = []
             self.io_begin()
@@ -200,6 +204,40 @@ class MirrorJob(BlockJob):
             extent = self.source.block_status(offset, end - offset)
             yield offset, offset + extent.length, extent.zero
             offset += extent.length
+
+    async def _copy_in_turn(self, todo: list[tuple[int, int, bool]]) -> None:
+        """Up to MAX_IN_FLIGHT of the next requests one after another in one trip to a worker
+        thread (a format image serves one request at a time anyway: one trip each would cost
+        more than many a copy); a failure stops there and goes to the error policy."""
+        batch = [todo.pop() for _ in range(min(MAX_IN_FLIGHT, len(todo)))]
+        self.io_begin()
+        try:
+            done, failure = await trio.to_thread.run_sync(self._requests_sync, batch)
+        finally:
+            self.io_end()
+        for _, length, zero in batch[:done]:
+            self.progress_current += length
+            self.limit.delay_ns(0 if zero and self.target.can_zero_with_unmap() else length)
+        if failure is None:
+            return
+        todo.extend(reversed(batch[done + 1:]))  # not tried: next, in order
+        offset, length, zero = batch[done]
+        action = self.io_failed(failure)
+        if action == "report":
+            raise failure.error
+        todo.append((offset + failure.done, length - failure.done, zero))
+        self.progress_current += failure.done
+        await self.retry_after(action)
+
+    def _requests_sync(self, batch: list[tuple[int, int, bool]]) -> tuple[
+            int, CopyFailed | None]:
+        for done, (offset, length, _) in enumerate(batch):
+            try:
+                copy_by_status_sync(self.source, self.target, offset, length,
+                                    self.granularity, True)
+            except CopyFailed as failure:
+                return done, failure
+        return len(batch), None
 
     async def _request(
         self, offset: int, length: int, zero: bool,
