@@ -501,6 +501,16 @@ EXISTING = {
 }
 
 
+def chain_and_target(talk: Conversation, chain: str, mode: str) -> str:
+    """CHAIN built on both sides, with the image mode=existing opens; the target's name."""
+    build(talk, chain)
+    if mode != "existing":
+        return "new.qcow2"
+    for side in talk.sides:
+        shell(side, EXISTING[chain])
+    return "ex.qcow2"
+
+
 @pytest.mark.parametrize(("chain", "sync", "mode", "fmt"), [
     ("three", "full", "absolute-paths", "qcow2"),
     ("three", "top", "absolute-paths", None),  # the source's format
@@ -515,11 +525,7 @@ def test_drive_backup_qcow2(talk: Conversation, chain: str, sync: str, mode: str
     """drive-backup makes its target as QEMU does (the source's backing file named in the new
     image for sync=top, the source itself for sync=none, attached as the target's backing
     node) or opens the one there is, and copies what sync asks."""
-    build(talk, chain)
-    target = "ex.qcow2" if mode == "existing" else "new.qcow2"
-    if mode == "existing":
-        for side in talk.sides:
-            shell(side, EXISTING[chain])
+    target = chain_and_target(talk, chain, mode)
     talk.cmd("blockdev-add", top())
     format_arg = {"format": fmt} if fmt else {}
     assert talk.cmd("drive-backup", {
@@ -557,11 +563,7 @@ def test_drive_mirror_qcow2(talk: Conversation, chain: str, sync: str, mode: str
     """drive-mirror into a new qcow2 image (with the source's backing file for sync=top and
     none) or an existing one (sync=full copies all of the source over what it holds): the
     target opened without its backing file, what is copied, and the images after."""
-    build(talk, chain)
-    target = "ex.qcow2" if mode == "existing" else "new.qcow2"
-    if mode == "existing":
-        for side in talk.sides:
-            shell(side, EXISTING[chain])
+    target = chain_and_target(talk, chain, mode)
     talk.cmd("blockdev-add", top())
     assert talk.cmd("drive-mirror", {
         "job-id": "m", "device": "top", "sync": sync, "mode": mode, "format": "qcow2",

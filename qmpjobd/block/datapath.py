@@ -14,12 +14,11 @@ with pread and pwrite, which can.
 from __future__ import annotations
 
 import errno
-import os
 from typing import TYPE_CHECKING
 
 import trio
 
-from .drivers.base import Node
+from .drivers.base import Node, kernel_copy
 from .errors import CopyFailed
 
 if TYPE_CHECKING:
@@ -92,22 +91,16 @@ def _zero(dst: FileNode, at: int, length: int, done: int) -> None:
 def _copy_piece(src: FileNode, at: int, dst: FileNode, to: int, length: int, done: int) -> None:
     """Copy one piece of a data extent; on failure, find out which side failed."""
     if src.copy_range_ok and dst.copy_range_ok:
-        copied = 0
-        try:
-            while copied < length:
-                n = os.copy_file_range(src.fd, dst.fd, length - copied, at + copied, to + copied)
-                if n == 0:  # the source ends before the piece does (it shrank): zeroes
-                    break
-                copied += n
+        copied, error = kernel_copy(src.fd, at, dst.fd, to, length)
+        if error is None:
             dst.grew_to(to + copied)
-            if copied < length:
+            if copied < length:  # the source ends before the piece does (it shrank): zeroes
                 _zero(dst, to + copied, length - copied, done + copied)
             return
-        except OSError as e:
-            if e.errno in _NO_COPY_RANGE:
-                src.copy_range_ok = dst.copy_range_ok = False
-            # Redo the rest by hand: that tells a read error from a write error.
-            at, to, length, done = at + copied, to + copied, length - copied, done + copied
+        if error.errno in _NO_COPY_RANGE:
+            src.copy_range_ok = dst.copy_range_ok = False
+        # Redo the rest by hand: that tells a read error from a write error.
+        at, to, length, done = at + copied, to + copied, length - copied, done + copied
     while length > 0:
         # In steps of the jobs' usual chunk, so that a failure is placed to within one.
         n = min(length, _BY_HAND)

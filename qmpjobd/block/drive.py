@@ -20,7 +20,7 @@ once (BlockJob.late_error).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import trio
@@ -196,11 +196,18 @@ def _refuse_open_file(graph: BlockGraph, filename: str) -> None:
         st = os.stat(filename)
     except OSError:
         return  # nothing there yet (or nothing reachable: the creation says why)
+    if next(_file_nodes_over(graph, st), None) is not None:
+        raise BlockError('Failed to get "write" lock')
+
+
+def _file_nodes_over(graph: BlockGraph, st: os.stat_result) -> Iterator[FileNode]:
+    """The open file nodes (the monitor's and the daemon's own) over the file ST describes.
+    Blocking (fstat)."""
     for node in [*graph.nodes(), *graph.internal_nodes()]:
         if isinstance(node, FileNode) and node.fd >= 0:
             other = os.fstat(node.fd)
             if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                raise BlockError('Failed to get "write" lock')
+                yield node
 
 
 def _lock_conflict(graph: BlockGraph, target: Node, lock: str) -> str | None:
@@ -209,14 +216,10 @@ def _lock_conflict(graph: BlockGraph, target: Node, lock: str) -> str | None:
     file = target.child if target.child is not None else target
     if not isinstance(file, FileNode):
         return None
-    st = os.fstat(file.fd)
-    for node in [*graph.nodes(), *graph.internal_nodes()]:
-        if node is file or not isinstance(node, FileNode) or node.fd < 0:
-            continue
-        if any(not parent.read_only for parent in node.parents) or node.target_of:
-            other = os.fstat(node.fd)
-            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                return f'Failed to get shared "{lock}" lock'
+    for node in _file_nodes_over(graph, os.fstat(file.fd)):
+        if node is not file and (
+                any(not parent.read_only for parent in node.parents) or node.target_of):
+            return f'Failed to get shared "{lock}" lock'
     return None
 
 

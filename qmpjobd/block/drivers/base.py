@@ -300,6 +300,24 @@ class Opener(Protocol):
         ...
 
 
+def kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
+                length: int) -> tuple[int, OSError | None]:
+    """os.copy_file_range until LENGTH bytes are copied or the source ends: (the bytes copied,
+    the error that stopped it or None). The rest is the caller's: zeroes past the source's
+    end, a copy by hand after an error. Blocking."""
+    copied = 0
+    try:
+        while copied < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - copied, src_offset + copied,
+                                   dst_offset + copied)
+            if n == 0:
+                break
+            copied += n
+    except OSError as e:
+        return copied, e
+    return copied, None
+
+
 def discard_option(options: dict[str, Any], inherited: dict[str, Any]) -> str:
     """A node's discard setting: its own, else its parent's (QEMU's children inherit it)."""
     value: str = options.get("discard", inherited.get("discard", "ignore"))

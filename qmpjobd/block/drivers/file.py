@@ -24,16 +24,26 @@ import trio
 
 from ..errors import BlockError
 from . import file_create
-from .base import Driver, Extent, HostExtent, Node, Opener, discard_option, sectors_up
+from .base import (
+    Driver,
+    Extent,
+    HostExtent,
+    Node,
+    Opener,
+    discard_option,
+    kernel_copy,
+    sectors_up,
+)
+from .file_create import (  # QEMU's lock bytes
+    F_OFD_GETLK,
+    F_OFD_SETLK,
+    LOCK_PERM_BASE,
+    LOCK_SHARED_BASE,
+    PERM_WRITE_BIT,
+)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-# QEMU's lock bytes (file_create.py says which).
-_F_OFD_GETLK = file_create.F_OFD_GETLK
-_F_OFD_SETLK = file_create.F_OFD_SETLK
-_LOCK_PERM_BASE = file_create.LOCK_PERM_BASE
-_LOCK_SHARED_BASE = file_create.LOCK_SHARED_BASE
-_PERM_WRITE_BIT = file_create.PERM_WRITE_BIT
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -45,7 +55,7 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
     return bool(_libc.fallocate(fd, mode, offset, length) == 0)
 
 
-def _ofd_lock(fd: int, kind: int, start: int, cmd: int = _F_OFD_SETLK) -> bytes:
+def _ofd_lock(fd: int, kind: int, start: int, cmd: int = F_OFD_SETLK) -> bytes:
     # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
     # (l_pid must be 0 for OFD locks).
     arg = struct.pack("hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
@@ -136,12 +146,12 @@ class FileNode(Node):
             return
         # Hold "I write" and "I refuse others writing" (shared read locks), then check that no
         # other open file description holds either byte: that would be another writer.
-        starts = (_LOCK_PERM_BASE + _PERM_WRITE_BIT, _LOCK_SHARED_BASE + _PERM_WRITE_BIT)
+        starts = (LOCK_PERM_BASE + PERM_WRITE_BIT, LOCK_SHARED_BASE + PERM_WRITE_BIT)
         try:
             for start in starts:
                 _ofd_lock(self.fd, fcntl.F_RDLCK, start)
             for start in starts:
-                probe = _ofd_lock(self.fd, fcntl.F_WRLCK, start, _F_OFD_GETLK)
+                probe = _ofd_lock(self.fd, fcntl.F_WRLCK, start, F_OFD_GETLK)
                 if struct.unpack("hhqqi4x", probe)[0] != fcntl.F_UNLCK:
                     raise OSError(errno.EAGAIN, "locked")
         except OSError as e:
@@ -166,11 +176,11 @@ class FileNode(Node):
         does (its metadata must not change under it); fails if another holds it."""
         if not self.locking or self._shared_locked:
             return
-        start = _LOCK_SHARED_BASE + _PERM_WRITE_BIT
+        start = LOCK_SHARED_BASE + PERM_WRITE_BIT
         try:
             _ofd_lock(self.fd, fcntl.F_RDLCK, start)
-            probe = _ofd_lock(self.fd, fcntl.F_WRLCK, _LOCK_PERM_BASE + _PERM_WRITE_BIT,
-                              _F_OFD_GETLK)
+            probe = _ofd_lock(self.fd, fcntl.F_WRLCK, LOCK_PERM_BASE + PERM_WRITE_BIT,
+                              F_OFD_GETLK)
             if struct.unpack("hhqqi4x", probe)[0] != fcntl.F_UNLCK:
                 raise OSError(errno.EAGAIN, "locked")
         except OSError as e:
@@ -181,12 +191,12 @@ class FileNode(Node):
     def drop_shared(self) -> None:
         if self._shared_locked:
             if not self._writer_locked:  # the writer's lock refuses others' writes too
-                _ofd_lock(self.fd, fcntl.F_UNLCK, _LOCK_SHARED_BASE + _PERM_WRITE_BIT)
+                _ofd_lock(self.fd, fcntl.F_UNLCK, LOCK_SHARED_BASE + PERM_WRITE_BIT)
             self._shared_locked = False
 
     def drop_write(self) -> None:
         if self._writer_locked:
-            for start in (_LOCK_PERM_BASE + _PERM_WRITE_BIT, _LOCK_SHARED_BASE + _PERM_WRITE_BIT):
+            for start in (LOCK_PERM_BASE + PERM_WRITE_BIT, LOCK_SHARED_BASE + PERM_WRITE_BIT):
                 _ofd_lock(self.fd, fcntl.F_UNLCK, start)
             self._writer_locked = False
 
@@ -351,16 +361,8 @@ class FileNode(Node):
         if self.direct:
             super().write_from_sync(offset, source)
             return
-        copied = 0
-        try:
-            while copied < source.length:
-                n = os.copy_file_range(source.file.fd, self.fd, source.length - copied,
-                                       source.offset + copied, offset + copied)
-                if n == 0:
-                    break  # the source ends: what is left reads as zeroes
-                copied += n
-        except OSError:
-            pass  # by hand from where it stopped (another file system, no support)
+        # What the kernel does not copy (past the source's end, after an error) goes by hand.
+        copied, _ = kernel_copy(source.file.fd, source.offset, self.fd, offset, source.length)
         if copied:
             self.grew_to(offset + copied)
         if copied < source.length:

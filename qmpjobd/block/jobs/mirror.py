@@ -137,19 +137,20 @@ class MirrorJob(BlockJob):
         formats = bool(self.source.cluster_size or self.target.cluster_size)
         while todo:
             await self.pause_point()
-            if in_flight == 1 and formats and not self.speed:
-                await self._copy_in_turn(todo)
-                continue
-            batch = [todo.pop() for _ in range(min(in_flight, len(todo)))]
             failures: list[tuple[int, int, bool, CopyFailed]] = []
             self.io_begin()
             try:
-                if len(batch) == 1:
-                    await self._request(*batch[0], failures)
+                if in_flight == 1 and formats and not self.speed:
+                    await self._in_turn(todo, failures)
                 else:
-                    async with trio.open_nursery() as nursery:
-                        for offset, length, zero in batch:
-                            nursery.start_soon(self._request, offset, length, zero, failures)
+                    batch = [todo.pop() for _ in range(min(in_flight, len(todo)))]
+                    if len(batch) == 1:
+                        await self._request(*batch[0], failures)
+                    else:
+                        async with trio.open_nursery() as nursery:
+                            for offset, length, zero in batch:
+                                nursery.start_soon(
+                                    self._request, offset, length, zero, failures)
             finally:
                 self.io_end()
             if not failures:
@@ -205,29 +206,19 @@ class MirrorJob(BlockJob):
             yield offset, offset + extent.length, extent.zero
             offset += extent.length
 
-    async def _copy_in_turn(self, todo: list[tuple[int, int, bool]]) -> None:
+    async def _in_turn(self, todo: list[tuple[int, int, bool]],
+                       failures: list[tuple[int, int, bool, CopyFailed]]) -> None:
         """Up to MAX_IN_FLIGHT of the next requests one after another in one trip to a worker
         thread (a format image serves one request at a time anyway: one trip each would cost
-        more than many a copy); a failure stops there and goes to the error policy."""
+        more than many a copy). A failure stops there: it joins FAILURES, and the requests
+        not tried go back to TODO."""
         batch = [todo.pop() for _ in range(min(MAX_IN_FLIGHT, len(todo)))]
-        self.io_begin()
-        try:
-            done, failure = await trio.to_thread.run_sync(self._requests_sync, batch)
-        finally:
-            self.io_end()
+        done, failure = await trio.to_thread.run_sync(self._requests_sync, batch)
         for _, length, zero in batch[:done]:
-            self.progress_current += length
-            self.limit.delay_ns(0 if zero and self.target.can_zero_with_unmap() else length)
-        if failure is None:
-            return
-        todo.extend(reversed(batch[done + 1:]))  # not tried: next, in order
-        offset, length, zero = batch[done]
-        action = self.io_failed(failure)
-        if action == "report":
-            raise failure.error
-        todo.append((offset + failure.done, length - failure.done, zero))
-        self.progress_current += failure.done
-        await self.retry_after(action)
+            self._copied(length, zero)
+        if failure is not None:
+            todo.extend(reversed(batch[done + 1:]))
+            failures.append((*batch[done], failure))
 
     def _requests_sync(self, batch: list[tuple[int, int, bool]]) -> tuple[
             int, CopyFailed | None]:
@@ -248,6 +239,9 @@ class MirrorJob(BlockJob):
         except CopyFailed as failure:
             failures.append((offset, length, zero, failure))
             return
+        self._copied(length, zero)
+
+    def _copied(self, length: int, zero: bool) -> None:
         self.progress_current += length
         # Zeroes cost nothing against the speed limit where the target frees their space
         # (QEMU's accounting).

@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO, Final
 
+from ..base import kernel_copy
+
 # A log record: its kind, the offset and the length of the data that follows (a write), or
 # nothing more (a sync); and its place among the records of every log of the process (a
 # crash cuts all files at one moment).
@@ -121,16 +123,8 @@ class HostFile:
         """Copy LENGTH bytes at SOURCE_OFFSET of another file to OFFSET of this one, in the
         kernel where it can (what lies past the source's end becomes zeroes)."""
         if self.log is None:
-            copied = 0
-            try:
-                while copied < length:
-                    n = os.copy_file_range(source_fd, self.fd, length - copied,
-                                           source_offset + copied, offset + copied)
-                    if n == 0:
-                        break
-                    copied += n
-            except OSError:
-                pass  # by hand from where it stopped (another file system, no support)
+            # By hand from where the kernel stopped (the source's end, no support).
+            copied, _ = kernel_copy(source_fd, source_offset, self.fd, offset, length)
             if copied:
                 self._grown_to(offset + copied)
             source_offset, offset, length = (source_offset + copied, offset + copied,
