@@ -24,7 +24,7 @@ import itertools
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from ..errors import BlockError
 
@@ -189,6 +189,11 @@ class Node:
         the node cannot be written. Blocking: a worker thread's."""
         self.read_only = read_only
 
+    def write_behind(self, on: bool) -> None:
+        """ON: the node will be flushed once a job has written it (a stream's top before its
+        header is rewritten, a mirror's target before READY): write data out as it comes, so
+        that the flush finds little left to wait for. Off again when the job is done."""
+
     def take_write(self) -> None:
         """A job starts writing this node (file nodes take their image's write lock)."""
 
@@ -298,6 +303,19 @@ class Opener(Protocol):
     ) -> Node:
         """A child given inline (a dict of options), opened with INHERITED settings."""
         ...
+
+
+# Compared against, a piece at a time (bytes.startswith compares memory; iterating the bytes,
+# as any() does, takes a thousand times as long on a run of zeroes).
+_ZERO_VIEW: Final = memoryview(bytes(1 << 20))
+
+
+def is_zero(data: bytes, start: int = 0, end: int | None = None) -> bool:
+    """Whether DATA[START:END] holds nothing but zero bytes."""
+    end = len(data) if end is None else min(end, len(data))
+    piece = len(_ZERO_VIEW)
+    return all(data.startswith(_ZERO_VIEW[:min(piece, end - at)], at)
+               for at in range(start, end, piece))
 
 
 def kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,

@@ -31,6 +31,7 @@ from .base import (
     Node,
     Opener,
     discard_option,
+    is_zero,
     kernel_copy,
     sectors_up,
 )
@@ -47,6 +48,15 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_SYNC_FILE_RANGE_WRITE = 2
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing a range's dirty pages to the disk, without waiting for
+    them: the sync that must come later then finds less to wait for. Best effort (a failure
+    here is the sync's to report)."""
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -63,11 +73,6 @@ def _ofd_lock(fd: int, kind: int, start: int, cmd: int = F_OFD_SETLK) -> bytes:
 
 
 _SEGMENT = 65536
-_ZEROES = bytes(_SEGMENT)
-
-
-def _is_zero(segment: memoryview) -> bool:
-    return segment == _ZEROES[: len(segment)]
 
 
 # O_DIRECT wants buffers, offsets and lengths aligned to the device's logical block; a page
@@ -259,9 +264,9 @@ class FileNode(Node):
         view = memoryview(data)
         start = 0
         while start < len(view):
-            zero = _is_zero(view[start:start + _SEGMENT])
+            zero = is_zero(data, start, start + _SEGMENT)
             end = start + _SEGMENT
-            while end < len(view) and _is_zero(view[end:end + _SEGMENT]) == zero:
+            while end < len(view) and is_zero(data, end, end + _SEGMENT) == zero:
                 end += _SEGMENT
             end = min(end, len(view))
             if zero:

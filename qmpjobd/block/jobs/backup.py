@@ -11,13 +11,14 @@ in the next pass, as the error policy says (blockjob.py).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import trio
 
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
-from ..datapath import copy, copy_by_status
+from ..datapath import copy, copy_by_status_sync
 from ..drivers.base import Node
 from ..errors import BlockError, CopyFailed
 from ..graph import BlockGraph
@@ -29,6 +30,8 @@ DEFAULT_CHUNK = 1 << 20
 # An unthrottled backup without x-perf.max-chunk copies this much per step: fewer trips to a
 # worker thread, still a pause point every few tens of milliseconds.
 FAST_CHUNK = 64 << 20
+# The longest an unthrottled backup between formats works in one worker-thread call.
+TRIP_NS = 20_000_000
 
 
 def chunk_size(max_chunk: int) -> int:
@@ -76,22 +79,32 @@ class BackupJob(BlockJob):
                 offset = start
                 while offset < end:
                     await self.pause_point()
-                    step = min(self.fast_chunk if not self.speed else self.chunk, end - offset)
-                    if not self.speed and (self.source.cluster_size or self.target.cluster_size):
-                        step = await self._zero_step(offset, end, step)
-                    try:
-                        await self._copy(offset, step)
-                        done = step
-                    except CopyFailed as failure:
+                    if not self.speed and (self.source.cluster_size
+                                           or self.target.cluster_size):
+                        # Unthrottled, from or into a format: as many steps as fit in one
+                        # trip to the worker thread.
+                        n, failure = await self._steps(offset, end)
+                    else:
+                        n = 0
+                        step = min(self.fast_chunk if not self.speed else self.chunk,
+                                   end - offset)
+                        try:
+                            await self._copy(offset, step)
+                            n = step
+                            failure = None
+                        except CopyFailed as e:
+                            failure = e
+                    offset += n
+                    self.charge(n)
+                    if failure is not None:
                         first = first or failure
                         # What was copied before the chunk that failed counts; that chunk is
                         # the next pass's.
                         done = failure.done - failure.done % self.chunk
                         bad = min(self.chunk, end - offset - done)
                         failed.append((offset + done, offset + done + bad))
-                        offset += bad
-                    offset += done
-                    self.charge(done)
+                        offset += done + bad
+                        self.charge(done)
                     if offset < self.progress_total:
                         await self.ratelimit_sleep()
             if first is None:
@@ -102,18 +115,42 @@ class BackupJob(BlockJob):
             await self.retry_after(action)
             todo = failed
 
-    async def _zero_step(self, offset: int, end: int, step: int) -> int:
-        """A longer step where the source reads as zeroes from OFFSET on (a sparse image:
-        its unallocated stretches are zeroed in whole L2 tables' worth at once, so that the
-        job's time goes with the data, not the size); else STEP."""
+    async def _steps(self, offset: int, end: int) -> tuple[int, CopyFailed | None]:
+        """Steps from OFFSET towards END in one worker-thread call: (bytes done, the failure
+        that stopped them, its `done` counted from the start of the step that failed)."""
+        self.io_begin()
         try:
-            extent = await trio.to_thread.run_sync(
-                self.source.block_status, offset, end - offset)
-        except OSError:
-            return step  # the copy meets the error, and the error policy acts on it
-        if extent.zero and extent.length > step:
-            return max(step, extent.length - extent.length % CLUSTER)
-        return step
+            return await trio.to_thread.run_sync(self._steps_sync, offset, end)
+        finally:
+            self.io_end()
+
+    def _steps_sync(self, offset: int, end: int) -> tuple[int, CopyFailed | None]:
+        """_steps, in the worker thread: steps until FAST_CHUNK bytes of data are copied or
+        TRIP_NS have passed (a pause or cancel waits no longer than that). A stretch that
+        reads as zeroes is one step (a sparse image's zeroes are written in whole L2 tables'
+        worth at once, so that the job's time goes with its data, not its size)."""
+        start = offset
+        deadline = time.monotonic_ns() + TRIP_NS
+        copied = 0
+        while offset < end:
+            step = min(self.fast_chunk, end - offset)
+            zeroes = False
+            try:
+                extent = self.source.block_status(offset, end - offset)
+                zeroes = extent.zero
+                if zeroes and extent.length > step:
+                    step = max(step, extent.length - extent.length % CLUSTER)
+            except OSError:
+                pass  # the copy meets the error, and the error policy acts on it
+            try:
+                self._copy_sync(offset, step)
+            except CopyFailed as failure:
+                return offset - start, failure
+            offset += step
+            copied += 0 if zeroes else step
+            if copied >= self.fast_chunk or time.monotonic_ns() >= deadline:
+                break
+        return offset - start, None
 
     def source_bitmap(self) -> dict[str, Any]:
         # QEMU's copy bitmap: what is left to copy (cluster-aligned, like the job's progress).
@@ -121,20 +158,24 @@ class BackupJob(BlockJob):
         return dirty_bitmap(count, CLUSTER, recording=False)
 
     async def _copy(self, offset: int, step: int) -> None:
-        # The last cluster may hold fewer bytes than a cluster: copy only those.
-        length = min(step, self.source.size - offset)
         self.io_begin()
         try:
             if not (self.source.cluster_size or self.target.cluster_size):
-                await copy(self.source, self.target, offset, length)
+                # The last cluster may hold fewer bytes than a cluster: copy only those.
+                await copy(self.source, self.target, offset,
+                           min(step, self.source.size - offset))
             else:
-                # QEMU's block-copy: by the source's block status, in clusters of at least
-                # 64 KiB (the target's, if larger); zeroes are written as zeroes.
-                await copy_by_status(
-                    self.source, self.target, offset, length,
-                    granularity=max(CLUSTER, self.target.cluster_size), unmap=False)
+                await trio.to_thread.run_sync(self._copy_sync, offset, step)
         finally:
             self.io_end()
+
+    def _copy_sync(self, offset: int, step: int) -> None:
+        """QEMU's block-copy between formats, in a worker thread: by the source's block
+        status, in clusters of at least 64 KiB (the target's, if larger); zeroes are written
+        as zeroes. (The last cluster may hold fewer bytes than a cluster: only those.)"""
+        copy_by_status_sync(
+            self.source, self.target, offset, min(step, self.source.size - offset),
+            max(CLUSTER, self.target.cluster_size), False)
 
 
 def backup_job(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
@@ -48,6 +48,9 @@ def _walk_pieces(step: Callable[[int], tuple[int, bool]], offset: int, size: int
 class BlockJob(Job):
     """A job that reads a source node and writes a target node, holding both while it runs."""
 
+    # Whether the job flushes its target before it ends or becomes ready (Node.write_behind).
+    flushes_target: ClassVar[bool] = False
+
     def __init__(
         self, job_id: str, emit: Emit, source: Node, target: Node, *, auto_finalize: bool,
         auto_dismiss: bool, lock_target: bool = True, on_source_error: str = "report",
@@ -66,6 +69,8 @@ class BlockJob(Job):
         self.target = target
         source.source_of.append(self.job_type)
         target.target_of = self.job_type
+        if self.flushes_target:
+            target.write_behind(True)
         self._holding = True
         # The error QEMU meets once the job is created (a drive-* target's image lock).
         self.late_error: str | None = None
@@ -79,6 +84,8 @@ class BlockJob(Job):
             self._holding = False
             self.source.source_of.remove(self.job_type)
             self.target.target_of = None
+            if self.flushes_target:
+                self.target.write_behind(False)
             if self._locked:
                 self.target.drop_write()
 

@@ -42,6 +42,7 @@ class CommitJob(BlockJob):
     """The commit of an intermediate image."""
 
     job_type = "commit"
+    flushes_target = True  # before the overlay's header names the base
 
     def __init__(self, job_id: str, emit: Emit, graph: BlockGraph, plan: CommitPlan, *,
                  base_reopened: bool, **options: Any) -> None:

@@ -41,6 +41,7 @@ def _physical_memory() -> int:
 
 class MirrorJob(BlockJob):
     job_type = "mirror"
+    flushes_target = True  # before it is ready
 
     def __init__(
         self, job_id: str, emit: Emit, source: Node, target: Node, *, sync: str,
@@ -69,10 +70,28 @@ class MirrorJob(BlockJob):
             if not self.is_cancelled:
                 await self.sleep_ns(self.limit.delay_ns(0))
         await self.pause_point()
+        await self._flush_target()
         self.transition(JobStatus.READY)
         self.on_ready()
         while not self.should_complete:
             await self.sleep_ns(1 << 62)
+
+    async def _flush_target(self) -> None:
+        """What was copied made durable before READY, as QEMU's mirror does; a failed flush
+        goes to the error policy as a failed write does."""
+        while True:
+            self.io_begin()
+            try:
+                await self.target.flush()
+                return
+            except OSError as e:
+                failure = CopyFailed("write", e, 0)
+            finally:
+                self.io_end()
+            action = self.io_failed(failure)
+            if action == "report":
+                raise failure.error
+            await self.retry_after(action)
 
     async def _check_sizes(self) -> None:
         if self.source.size != self.target.size:

@@ -20,6 +20,7 @@ from typing import Any
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
 from ..chain import StreamPlan, allocated_above, drop_intermediate, plan_stream
+from ..drivers.base import is_zero
 from ..errors import CopyFailed
 from ..graph import BlockGraph
 from .blockjob import BlockJob, new_job_id
@@ -30,6 +31,7 @@ CHUNK = 512 << 10
 
 class StreamJob(BlockJob):
     job_type = "stream"
+    flushes_target = True  # before its header names the base
 
     def __init__(
         self, job_id: str, emit: Emit, graph: BlockGraph, plan: StreamPlan, **options: Any
@@ -65,7 +67,7 @@ class StreamJob(BlockJob):
             raise CopyFailed("read", e, 0) from None
         try:
             # Copy-on-read: what reads as zeroes is written as zeroes.
-            top.write_sync(offset, None if data is None or not any(data) else data, n)
+            top.write_sync(offset, None if data is None or is_zero(data) else data, n)
         except OSError as e:
             # QEMU's stream reports every failure as a read's (its copy-on-read is a read).
             raise CopyFailed("read", e, 0) from None

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import BinaryIO, Final
 
 from ..base import kernel_copy
+from ..file import start_writeback
 
 # A log record: its kind, the offset and the length of the data that follows (a write), or
 # nothing more (a sync); and its place among the records of every log of the process (a
@@ -27,6 +28,10 @@ _sequence = itertools.count()
 WRITE: Final = b"W"
 SYNC: Final = b"S"
 EXTEND: Final = b"E"
+# Written bytes gathered before the kernel is asked to start writing them out (write_behind):
+# the sync a job must make (before a header names a new backing file, before a mirror is
+# ready) then waits for little more than the last of them, not for everything the job wrote.
+WRITEBACK_BATCH: Final = 16 << 20
 # Environment variable: a directory to write a log per image into (named after the image).
 WRITE_LOG_ENV: Final = "QMPJOBD_QCOW2_WRITE_LOG"
 
@@ -90,6 +95,13 @@ class HostFile:
         self._grew = grew
         # cache.no-flush: the file's owner asked that syncs be skipped (QEMU's meaning).
         self.no_flush = no_flush
+        # Whether anything was written since the last sync: a write that must reach the disk
+        # after those needs one first.
+        self.unsynced = False
+        # Whether writeback starts as data is written (Node.write_behind); the span written
+        # since it last started, and how many bytes.
+        self.write_behind = False
+        self._written_from = self._written_to = self._written = 0
 
     def pread(self, offset: int, length: int) -> bytes:
         """LENGTH bytes at OFFSET; what lies past the end of the file reads as zeroes."""
@@ -112,7 +124,22 @@ class HostFile:
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
+        self._wrote(offset, len(view))
         self._grown_to(offset + len(view))
+
+    def _wrote(self, offset: int, length: int) -> None:
+        self.unsynced = True
+        if not self.write_behind:
+            return
+        if not self._written:
+            self._written_from, self._written_to = offset, offset + length
+        else:
+            self._written_from = min(self._written_from, offset)
+            self._written_to = max(self._written_to, offset + length)
+        self._written += length
+        if self._written >= WRITEBACK_BATCH and not self.no_flush:
+            start_writeback(self.fd, self._written_from, self._written_to - self._written_from)
+            self._written = 0
 
     def _grown_to(self, end: int) -> None:
         if end > self.size:
@@ -126,6 +153,7 @@ class HostFile:
             # By hand from where the kernel stopped (the source's end, no support).
             copied, _ = kernel_copy(source_fd, source_offset, self.fd, offset, length)
             if copied:
+                self._wrote(offset, copied)
                 self._grown_to(offset + copied)
             source_offset, offset, length = (source_offset + copied, offset + copied,
                                              length - copied)
@@ -141,6 +169,7 @@ class HostFile:
         if self.log is not None:
             self.log.extend(size)
         os.ftruncate(self.fd, size)
+        self.unsynced = True
         self._grown_to(size)
 
     def sync(self) -> None:
@@ -148,3 +177,5 @@ class HostFile:
             self.log.sync()
         if not self.no_flush:
             os.fdatasync(self.fd)
+        self.unsynced = False
+        self._written = 0

@@ -84,7 +84,6 @@ class Qcow2Image:
         self.cluster_size = self.header.cluster_size
         self.writable = writable
         self.lock = threading.RLock()
-        self._unsynced = False
         self._marked_dirty = False
         self.tables.write_back = self._flush_locked
         if writable:
@@ -232,6 +231,13 @@ class Qcow2Image:
             # Runs of one entry (nothing, or a zero flag alone) are measured in one go.
             start = offset - offset % cluster
             position = start + cluster * tables.same_entries(start, -(-(end - start) // cluster))
+        elif first.kind is Kind.NORMAL:
+            # Data clusters that follow each other in the file, measured in one go; the loop
+            # below goes on from the first that does not (or lies past the file's end).
+            start = offset - offset % cluster
+            run = tables.progression(start, -(-(end - start) // cluster))
+            run = min(run, max(1, -(-(self.file.size - first.host) // cluster)))
+            position = start + cluster * run
         while position < end:
             if first.kind is Kind.UNALLOCATED:
                 # A range with no L2 table is unallocated all through.
@@ -301,7 +307,6 @@ class Qcow2Image:
             self.file.copy_from(source[0], source[1], host, length)
         else:
             self.file.pwrite(host, source[:length])
-        self._unsynced = True
 
     def _table_for_write(self, guest: int) -> int:
         """The L2 table of GUEST's range, allocated (empty) if it has none."""
@@ -428,7 +433,7 @@ class Qcow2Image:
             first = (position // cluster) % self.tables.l2_entries
             last = first + -(-(stop - position) // cluster)
             l2_offset = self._table_for_write(position)
-            if not any(self.tables.l2(l2_offset)[first:last]):
+            if self.tables.clear(l2_offset, first, last):
                 self.tables.fill_entries(l2_offset, first, last, ZERO)
             else:
                 self._zero_entries(position, stop, may_unmap)
@@ -489,9 +494,8 @@ class Qcow2Image:
     def _flush_locked(self) -> None:
         file = self.file
         refcounts = self.refcounts
-        if refcounts.write_blocks() or self._unsynced:
+        if refcounts.write_blocks() or file.unsynced:
             file.sync()
-            self._unsynced = False
         if refcounts.write_table():
             file.sync()
         tables = self.tables.dirty_tables()

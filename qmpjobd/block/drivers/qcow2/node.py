@@ -24,7 +24,7 @@ from typing import Any, Final
 import trio
 
 from ...errors import BlockError
-from ..base import Driver, Extent, HostExtent, Node, Opener, discard_option
+from ..base import Driver, Extent, HostExtent, Node, Opener, discard_option, is_zero
 from ..file import FileNode
 from ..filenames import filename
 from .create import check_options, format_image, make_image
@@ -143,7 +143,7 @@ class Qcow2Node(Node):
         return await trio.to_thread.run_sync(self.read_sync, offset, length)
 
     def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
-        if data is not None and self.detect_zeroes != "off" and not any(data):
+        if data is not None and self.detect_zeroes != "off" and is_zero(data):
             data = None
         try:
             if data is None:
@@ -156,6 +156,9 @@ class Qcow2Node(Node):
 
     async def write(self, offset: int, data: bytes | None, length: int) -> None:
         await trio.to_thread.run_sync(self.write_sync, offset, data, length)
+
+    def write_behind(self, on: bool) -> None:
+        self.image.file.write_behind = on
 
     def can_zero_with_unmap(self) -> bool:
         # Version 2 images have no zero clusters: QEMU's qcow2 offers no unmapping zero writes.

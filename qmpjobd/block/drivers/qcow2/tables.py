@@ -28,6 +28,10 @@ ZERO: Final = 1 << 0
 # QEMU's default: the L2 cache covers the whole image, up to this many bytes of tables.
 L2_CACHE_MAX: Final = 32 << 20
 _SWAP: Final = sys.byteorder == "little"  # tables are big-endian on disk
+# Bits 56 and up of an entry are flags or reserved; the offset lies below.
+_RESERVED: Final = 1 << 56
+_BELOW_RESERVED: Final = _RESERVED - 1
+_ONE: Final = (1).to_bytes(8, "little")
 
 
 def decode(data: bytes) -> array[int]:
@@ -45,6 +49,25 @@ def encode(table: array[int]) -> bytes:
     swapped = array("Q", table)
     swapped.byteswap()
     return swapped.tobytes()
+
+
+def _same_prefix(data: bytes, pattern: bytes) -> int:
+    """How many leading bytes, in whole 8-byte entries, DATA has in common with PATTERN (of
+    the same length): by memory comparisons of growing, then halving, prefixes, so that a
+    table's worth costs microseconds, not a step per entry."""
+    if data == pattern:
+        return len(data)
+    view = memoryview(pattern)
+    agree, differ = 0, 8  # the first AGREE bytes are equal; the first DIFFER are not
+    while differ < len(data) and data.startswith(view[:differ]):
+        agree, differ = differ, min(2 * differ, len(data))
+    while differ - agree > 8:
+        middle = agree + (differ - agree) // 16 * 8
+        if data.startswith(view[:middle]):
+            agree = middle
+        else:
+            differ = middle
+    return agree
 
 
 class Kind(Enum):
@@ -85,7 +108,12 @@ class Tables:
         self.resize_cache()
         self._cache: collections.OrderedDict[int, array[int]] = collections.OrderedDict()
         self.l2_dirty: set[int] = set()
-        # Called before a dirty table would leave the cache: write the dirty tables out.
+        # Tables allocated since the L1 table on disk last changed: nothing on disk points at
+        # them yet, so they may be written out at any time (the flush syncs them before the
+        # L1 entries that link them).
+        self._unlinked: set[int] = set()
+        # Called before a dirty table that the disk links would leave the cache: write the
+        # dirty tables out, in order.
         self.write_back: Callable[[], None] = lambda: None
 
     def resize_cache(self) -> None:
@@ -120,7 +148,11 @@ class Tables:
     def _insert(self, offset: int, table: array[int]) -> None:
         if len(self._cache) >= self._cache_tables:
             victim = next(iter(self._cache))
-            if victim in self.l2_dirty:
+            if victim in self._unlinked and victim in self.l2_dirty:
+                # (A sparse image's zeroing fills many new tables: no sync for each.)
+                self.file.pwrite(victim, encode(self._cache[victim]))
+                self.l2_dirty.discard(victim)
+            elif victim in self.l2_dirty:
                 self.write_back()
             self._cache.pop(victim)
         self._cache[offset] = table
@@ -129,6 +161,7 @@ class Tables:
         """A table just allocated at OFFSET (to be written out)."""
         self._insert(offset, table)
         self.l2_dirty.add(offset)
+        self._unlinked.add(offset)
 
     def set_entry(self, l2_offset: int, index: int, value: int) -> None:
         """Change one entry of the table at L2_OFFSET. Always through here, never through a
@@ -154,6 +187,7 @@ class Tables:
         """Forget the table at OFFSET (its cluster is freed)."""
         self._cache.pop(offset, None)
         self.l2_dirty.discard(offset)
+        self._unlinked.discard(offset)
 
     def dirty_tables(self) -> list[tuple[int, bytes]]:
         """The dirty L2 tables as they go to disk, in file order; they are clean afterwards."""
@@ -166,6 +200,7 @@ class Tables:
         runs: list[tuple[int, bytes]] = []
         indexes = sorted(self.l1_dirty)
         self.l1_dirty.clear()
+        self._unlinked.clear()
         start = 0
         while start < len(indexes):
             end = start + 1
@@ -187,23 +222,44 @@ class Tables:
             return limit
         table = self.l2(self.l1[l1_index] & OFFSET_MASK)
         stop = min(l2_index + limit, len(table))
-        raw = memoryview(table)[l2_index:stop].cast("B")
-        word = bytes(raw[:8])
+        entries = memoryview(table)[l2_index:stop].tobytes()
+        return _same_prefix(entries, entries[:8] * (stop - l2_index)) // 8 or 1
+
+    def progression(self, guest: int, limit: int) -> int:
+        """How many clusters from GUEST's on (at most LIMIT, within its L2 table; GUEST's is
+        a data cluster) have entries that go up by one cluster from GUEST's: data that lies in
+        the file in the guest's order, with the same flags (1 at least)."""
+        l1_index, l2_index = divmod(guest >> self.cluster_bits, self.l2_entries)
+        table = self.l2(self.l1[l1_index] & OFFSET_MASK)
+        stop = min(l2_index + limit, len(table))
         count = stop - l2_index
-        if word == bytes(8):
-            return (len(raw) - len(bytes(raw).lstrip(b"\0"))) // 8 or 1
-        # Exponential, then binary search for the first entry that differs.
-        low, high = 1, 1
-        while high < count and raw[:8 * min(2 * high, count)] == word * min(2 * high, count):
-            low = high = min(2 * high, count)
-        high = min(2 * high, count)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if raw[:8 * middle] == word * middle:
-                low = middle
-            else:
-                high = middle - 1
-        return low
+        if count < 2 or not _SWAP or (
+                (table[l2_index] & _BELOW_RESERVED) + count * self.cluster_size > _RESERVED):
+            return 1
+        # The table's entries read as two numbers of 64-bit digits, one a digit ahead of the
+        # other: their difference holds a cluster in each digit exactly as far as the entries
+        # go up by a cluster (no digit can carry: the offsets stay below the reserved bits),
+        # so its lowest digit that differs is where the run ends. In windows that grow
+        # eightfold, so that a short run costs little.
+        window = 64
+        with memoryview(table) as view:
+            while True:
+                last = min(l2_index + window, stop)
+                later = int.from_bytes(view[l2_index + 1:last], "little")
+                earlier = int.from_bytes(view[l2_index:last - 1], "little")
+                steps = self.cluster_size * int.from_bytes(_ONE * (last - 1 - l2_index),
+                                                           "little")
+                differ = (later - earlier) ^ steps
+                if differ:
+                    return ((differ & -differ).bit_length() - 1) // 64 + 1
+                if last == stop:
+                    return count
+                window *= 8
+
+    def clear(self, l2_offset: int, first: int, last: int) -> bool:
+        """Whether entries FIRST..LAST-1 of the table at L2_OFFSET are all 0 (unallocated)."""
+        entries = memoryview(self.l2(l2_offset))[first:last].tobytes()
+        return entries == bytes(len(entries))
 
     # -- what an entry means -----------------------------------------------------------------
 
