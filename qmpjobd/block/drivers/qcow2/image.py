@@ -283,6 +283,10 @@ class Qcow2Image:
                 continue
             # A run of clusters that need new ones (or their kept zero cluster).
             stop = position - position % cluster + cluster
+            if not entry and stop < span_end:
+                # Unallocated clusters after it, measured in one go.
+                stop += (self.tables.same_entries(stop, -(-(span_end - stop) // cluster))
+                         * cluster if not self._entry(stop)[2] else 0)
             if not (entry & ZERO and entry & COPIED and entry & OFFSET_MASK):
                 while stop < span_end:
                     later = self._entry(stop)[2]
@@ -335,7 +339,7 @@ class Qcow2Image:
         count = (last - first) // cluster
         l2_offset = self._table_for_write(start)
         index = (first // cluster) % self.tables.l2_entries
-        old = [self.tables.l2(l2_offset)[index + i] for i in range(count)]
+        old = self.tables.l2(l2_offset)[index:index + count].tolist()
         # Copy-on-write: what the guest read before in the parts not written.
         head = self._read(first, start - first) if start > first else b""
         tail = self._read(stop, last - stop) if stop < last else b""
@@ -346,10 +350,12 @@ class Qcow2Image:
         self._put(host + start - first, source, stop - start)
         if tail:
             self._put(host + stop - first, tail, len(tail))
-        for i, entry in enumerate(old):
-            self.tables.set_entry(l2_offset, index + i, (host + i * cluster) | COPIED)
-            if not kept:
-                self._free_entry(entry)
+        self.tables.set_entries(l2_offset, index, [(host + i * cluster) | COPIED
+                                                   for i in range(count)])
+        if not kept:
+            for entry in old:
+                if entry:
+                    self._free_entry(entry)
 
     def _free_entry(self, entry: int) -> None:
         """The clusters ENTRY held, freed once its replacement is on disk."""

@@ -169,6 +169,11 @@ class Tables:
         self.l2(l2_offset)[index] = value
         self.l2_dirty.add(l2_offset)
 
+    def set_entries(self, l2_offset: int, first: int, values: list[int]) -> None:
+        """Entries FIRST.. of the table at L2_OFFSET become VALUES (one slice)."""
+        self.l2(l2_offset)[first:first + len(values)] = array("Q", values)
+        self.l2_dirty.add(l2_offset)
+
     def fill_entries(self, l2_offset: int, first: int, last: int, value: int) -> None:
         """Entries FIRST..LAST-1 of the table at L2_OFFSET all become VALUE (one slice)."""
         self.l2(l2_offset)[first:last] = array("Q", [value]) * (last - first)
