@@ -130,9 +130,11 @@ async def copy_by_status(
 
 def copy_by_status_sync(
     source: Node, target: Node, offset: int, length: int, granularity: int, unmap: bool
-) -> None:
-    """copy_by_status, in the worker thread the caller is in."""
+) -> int:
+    """copy_by_status, in the worker thread the caller is in: the bytes written as data (not
+    as zeroes)."""
     end = offset + length
+    written = 0
     cluster = target.cluster_size or granularity
     pos = offset
     while pos < end:
@@ -162,6 +164,7 @@ def copy_by_status_sync(
             except OSError as e:
                 raise CopyFailed("write", e, pos - offset) from None
             pos += n
+            written += n
             continue
         try:
             data = source.read_sync(pos, n)
@@ -172,3 +175,5 @@ def copy_by_status_sync(
         except OSError as e:
             raise CopyFailed("write", e, pos - offset) from None
         pos += n
+        written += n
+    return written

@@ -134,20 +134,17 @@ class BackupJob(BlockJob):
         copied = 0
         while offset < end:
             step = min(self.fast_chunk, end - offset)
-            zeroes = False
             try:
                 extent = self.source.block_status(offset, end - offset)
-                zeroes = extent.zero
-                if zeroes and extent.length > step:
+                if extent.zero and extent.length > step:
                     step = max(step, extent.length - extent.length % CLUSTER)
             except OSError:
                 pass  # the copy meets the error, and the error policy acts on it
             try:
-                self._copy_sync(offset, step)
+                copied += self._copy_sync(offset, step)
             except CopyFailed as failure:
                 return offset - start, failure
             offset += step
-            copied += 0 if zeroes else step
             if copied >= self.fast_chunk or time.monotonic_ns() >= deadline:
                 break
         return offset - start, None
@@ -169,11 +166,12 @@ class BackupJob(BlockJob):
         finally:
             self.io_end()
 
-    def _copy_sync(self, offset: int, step: int) -> None:
+    def _copy_sync(self, offset: int, step: int) -> int:
         """QEMU's block-copy between formats, in a worker thread: by the source's block
         status, in clusters of at least 64 KiB (the target's, if larger); zeroes are written
-        as zeroes. (The last cluster may hold fewer bytes than a cluster: only those.)"""
-        copy_by_status_sync(
+        as zeroes. (The last cluster may hold fewer bytes than a cluster: only those.) The
+        bytes written as data."""
+        return copy_by_status_sync(
             self.source, self.target, offset, min(step, self.source.size - offset),
             max(CLUSTER, self.target.cluster_size), False)
 

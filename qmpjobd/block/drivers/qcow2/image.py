@@ -225,14 +225,17 @@ class Qcow2Image:
         span = tables.l2_entries * cluster
         end = min(offset + length, self.size, offset - offset % span + span)
         first = tables.lookup(offset)
-        host = first.host + offset % cluster if first.kind is Kind.NORMAL else None
+        # Data, and zero clusters that keep a host cluster, report where they lie (QEMU's
+        # map does), and a run of them ends where the file's order breaks.
+        placed = first.kind is Kind.NORMAL or (first.kind is Kind.ZERO and first.host != 0)
+        host = first.host + offset % cluster if placed else None
         position = offset - offset % cluster + cluster
-        if first.kind is Kind.UNALLOCATED or (first.kind is Kind.ZERO and not first.host):
+        if not placed and first.kind is not Kind.COMPRESSED:
             # Runs of one entry (nothing, or a zero flag alone) are measured in one go.
             start = offset - offset % cluster
             position = start + cluster * tables.same_entries(start, -(-(end - start) // cluster))
-        elif first.kind is Kind.NORMAL:
-            # Data clusters that follow each other in the file, measured in one go; the loop
+        elif placed:
+            # Clusters that follow each other in the file, measured in one go; the loop
             # below goes on from the first that does not (or lies past the file's end).
             start = offset - offset % cluster
             run = tables.progression(start, -(-(end - start) // cluster))
@@ -250,6 +253,8 @@ class Qcow2Image:
                 break
             if host is not None and mapping.host != host + (position - offset):
                 break
+            if host is None and first.kind is Kind.ZERO and mapping.host:
+                break  # a zero cluster that keeps a host cluster, after ones that do not
             position += cluster
         return min(position, end) - offset, first.kind, host
 
