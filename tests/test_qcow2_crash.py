@@ -29,7 +29,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +379,33 @@ def test_power_cut_replayed(kind: str, references: dict[str, Path], tmp_path: Pa
                         durable_views[key], after)
         if constant is not None:
             assert guest_view(images / scenario.constant) == constant, "the chain's view changed"
+
+
+# -- durable when ready ---------------------------------------------------------------------------
+
+
+def test_a_mirror_target_is_durable_once_ready(tmp_path: Path) -> None:
+    """What a mirror copied is synced before BLOCK_JOB_READY (QEMU's mirror flushes its target
+    there): when the event comes, the target's write log has no write after its last sync.
+    (The target keeps the default cache, which writes nothing out on its own.)"""
+    scenario = replace(SCENARIOS["mirror"],
+                       nodes=[_qcow2("src", "src.qcow2"), _qcow2("t", "t.qcow2")])
+    images = tmp_path / "images"
+    make_images(images, scenario, 0)
+    log = tmp_path / "log"
+    log.mkdir()
+    env = daemon_env(QMPJOBD_QCOW2_WRITE_LOG=str(log))
+    with DaemonProcess.start(tmp_path, "--log", str(tmp_path / "qmpjobd.log"), program=QMPJOBD,
+                             env=env) as daemon, daemon.connect() as conn:
+        start_job(conn, scenario, images, 0)
+        while True:
+            event = conn.receive(timeout=60)
+            if event.get("event") == "BLOCK_JOB_READY":
+                break
+        kinds = [record[0] for record in read_log(str(log / "t.qcow2.log"))]
+        assert WRITE in kinds
+        assert SYNC in kinds, kinds[-10:]
+        last_sync = len(kinds) - 1 - kinds[::-1].index(SYNC)
+        assert WRITE not in kinds[last_sync:], kinds[-10:]
+        assert conn.execute("job-complete", {"id": "j"}) == {"return": {}}
+        run_to_end(conn, scenario)

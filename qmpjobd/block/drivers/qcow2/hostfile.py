@@ -40,7 +40,9 @@ class WriteLog:
     """An append-only record of the writes and syncs issued to one image file."""
 
     def __init__(self, path: str) -> None:
-        self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 (closed by close())
+        # Unbuffered: each record is in the file once the call that made it returns, so a
+        # reader (a test) sees every write and sync issued so far, in order.
+        self._file: BinaryIO = open(path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
         self._lock = threading.Lock()
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
