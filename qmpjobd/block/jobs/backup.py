@@ -1,12 +1,13 @@
 """backup: copy a node to a target of the same size, chunk by chunk, at the job's speed.
 
 The first chunk goes at once; after each chunk the job charges the bytes to its rate limit and
-sleeps as long as the speed asks, which is also where pause and cancel take effect (without a
-speed a step is 64 MiB: datapath.py copies it in one worker-thread call). sync=full copies
-everything, sync=top what the source's own layer holds (all of it for a node without a backing
-file); sync=none copies nothing and keeps the job
-running until it is cancelled. A chunk that fails is passed over and retried
-in the next pass, as the error policy says (blockjob.py).
+sleeps as long as the speed asks, which is also where pause and cancel take effect. Without a
+speed a step is 64 MiB (datapath.py copies it in one worker-thread call), and between formats
+one trip to the worker thread takes steps until 64 MiB of data are copied or 20 ms have passed
+(a stretch of zeroes is one step however long). sync=full copies everything, sync=top what
+the source's own layer holds (all of it for a node without a backing file); sync=none copies
+nothing and keeps the job running until it is cancelled. A chunk that fails is passed over
+and retried in the next pass, as the error policy says (blockjob.py).
 """
 
 from __future__ import annotations
