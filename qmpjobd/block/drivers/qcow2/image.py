@@ -6,8 +6,10 @@ The order (every step synced before the next starts, each skipped when there is 
 new data and raised reference counts first, then refcount table entries that point at new
 refcount blocks, then L2 tables, then L1 entries that point at new L2 tables; clusters that
 left the map are freed only after that, so no cluster is used again while the disk still
-points at it. A crash leaks clusters at worst (`qemu-img check` reports leaks, never
-corruption), and everything a flush covered reads back.
+points at it. (An L2 table allocated since the last flush may be written at any time before
+that: nothing on disk points at it until its L1 entry is written, after a sync.) A crash
+leaks clusters at worst (`qemu-img check` reports leaks, never corruption), and everything a
+flush covered reads back.
 
 What a write does with each cluster is QEMU's (so that `qemu-img map` of an image written here
 and one written by QEMU agree): a cluster this layer owns alone is written in place; any other
@@ -288,10 +290,9 @@ class Qcow2Image:
                 continue
             # A run of clusters that need new ones (or their kept zero cluster).
             stop = position - position % cluster + cluster
-            if not entry and stop < span_end:
-                # Unallocated clusters after it, measured in one go.
-                stop += (self.tables.same_entries(stop, -(-(span_end - stop) // cluster))
-                         * cluster if not self._entry(stop)[2] else 0)
+            if not entry and stop < span_end and not self._entry(stop)[2]:
+                # A run of unallocated clusters after it, measured in one go.
+                stop += cluster * self.tables.same_entries(stop, -(-(span_end - stop) // cluster))
             if not (entry & ZERO and entry & COPIED and entry & OFFSET_MASK):
                 while stop < span_end:
                     later = self._entry(stop)[2]

@@ -231,9 +231,9 @@ class Tables:
         return _same_prefix(entries, entries[:8] * (stop - l2_index)) // 8 or 1
 
     def progression(self, guest: int, limit: int) -> int:
-        """How many clusters from GUEST's on (at most LIMIT, within its L2 table; GUEST's is
-        a data cluster) have entries that go up by one cluster from GUEST's: data that lies in
-        the file in the guest's order, with the same flags (1 at least)."""
+        """How many clusters from GUEST's on (at most LIMIT, within its L2 table; GUEST's has
+        a host cluster) have entries that go up by one cluster from GUEST's: clusters that lie
+        in the file in the guest's order, with the same flags (1 at least)."""
         l1_index, l2_index = divmod(guest >> self.cluster_bits, self.l2_entries)
         table = self.l2(self.l1[l1_index] & OFFSET_MASK)
         stop = min(l2_index + limit, len(table))
