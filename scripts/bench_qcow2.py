@@ -282,6 +282,11 @@ def bench_qcow2(given: str | None) -> None:
         print(f"  {workload.name:8} {rates['qemu-storage-daemon']:9.0f} {rates['qmpjobd']:13.0f} "
               f"{rates['qmpjobd'] / rates['qemu-storage-daemon']:5.2f}x   "
               f"{p99['qemu-storage-daemon']:.1f} / {p99['qmpjobd']:.1f} ms")
+    # Each run's time, so that the spread behind a median shows (the disk's moods are large).
+    for workload in jobs:
+        for name in ("qemu-storage-daemon", "qmpjobd"):
+            runs = " ".join(f"{t * 1e3:.0f}" for t in seconds[(workload.name, name)])
+            print(f"    {workload.name:8} {name:20} runs (ms): {runs}")
     print("  sparse: backup of a 1 TiB image holding 1 GiB against a dense 1 GiB image "
           f"(median of {RUNS}; time ratio, largest RSS during the 1 TiB job)")
     for name, (big, dense) in sparse.items():
