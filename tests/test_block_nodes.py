@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from qmpjobd.block.drivers.base import Extent, HostExtent, Node
+from qmpjobd.block.drivers.base import Extent, HostExtent, Node, is_zero
 from qmpjobd.block.drivers.registry import DRIVERS, driver
 from qmpjobd.block.errors import BlockError
 from qmpjobd.block.graph import BlockGraph
@@ -151,3 +151,18 @@ def test_exit_closes_a_raw_node_over_a_file_node(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stdout.count(b'{"return":{}}') == 4
     assert b"Traceback" not in result.stderr and b"Error" not in result.stderr
+
+
+@pytest.mark.parametrize("at", [0, 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, (3 << 20) - 1])
+def test_is_zero_finds_one_byte_anywhere(at: int) -> None:
+    """is_zero compares a MiB at a time: a byte set on either side of a piece's edge, or in
+    the last byte, is found, and ranges that leave it out are zero."""
+    data = bytearray(3 << 20)
+    data[at] = 0x80
+    frozen = bytes(data)
+    assert not is_zero(frozen)
+    assert not is_zero(frozen, at, at + 1)
+    assert is_zero(frozen, 0, at)
+    assert is_zero(frozen, at + 1)
+    assert is_zero(frozen, at + 1, 10 << 20)  # an end past the data: up to its end
+    assert is_zero(b"") and is_zero(frozen, 5, 5)
