@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .drivers.base import Node, kernel_copy
+from .drivers.base import Extent, Node, kernel_copy
 from .errors import CopyFailed
 
 if TYPE_CHECKING:
@@ -129,17 +129,22 @@ async def copy_by_status(
 
 
 def copy_by_status_sync(
-    source: Node, target: Node, offset: int, length: int, granularity: int, unmap: bool
+    source: Node, target: Node, offset: int, length: int, granularity: int, unmap: bool,
+    first: Extent | None = None,
 ) -> int:
     """copy_by_status, in the worker thread the caller is in: the bytes written as data (not
-    as zeroes)."""
+    as zeroes). FIRST: the source's status at OFFSET, if the caller has asked already (over
+    this range or a longer one)."""
     end = offset + length
     written = 0
     cluster = target.cluster_size or granularity
     pos = offset
     while pos < end:
         try:
-            extent = source.block_status(pos, end - pos)
+            if first is not None and pos == offset:
+                extent = Extent(min(first.length, length), first.zero, first.allocated)
+            else:
+                extent = source.block_status(pos, end - pos)
         except OSError as e:
             raise CopyFailed("read", e, pos - offset) from None
         n = extent.length - extent.length % granularity

@@ -20,7 +20,7 @@ import trio
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
 from ..datapath import copy, copy_by_status_sync
-from ..drivers.base import Node
+from ..drivers.base import Extent, Node
 from ..errors import BlockError, CopyFailed
 from ..graph import BlockGraph
 from .blockjob import BlockJob, dirty_bitmap, new_job_id
@@ -135,6 +135,7 @@ class BackupJob(BlockJob):
         copied = 0
         while offset < end:
             step = min(self.fast_chunk, end - offset)
+            extent: Extent | None = None
             try:
                 extent = self.source.block_status(offset, end - offset)
                 if extent.zero and extent.length > step:
@@ -142,7 +143,7 @@ class BackupJob(BlockJob):
             except OSError:
                 pass  # the copy meets the error, and the error policy acts on it
             try:
-                copied += self._copy_sync(offset, step)
+                copied += self._copy_sync(offset, step, extent)
             except CopyFailed as failure:
                 return offset - start, failure
             offset += step
@@ -167,14 +168,14 @@ class BackupJob(BlockJob):
         finally:
             self.io_end()
 
-    def _copy_sync(self, offset: int, step: int) -> int:
+    def _copy_sync(self, offset: int, step: int, first: Extent | None = None) -> int:
         """QEMU's block-copy between formats, in a worker thread: by the source's block
         status, in clusters of at least 64 KiB (the target's, if larger); zeroes are written
         as zeroes. (The last cluster may hold fewer bytes than a cluster: only those.) The
         bytes written as data."""
         return copy_by_status_sync(
             self.source, self.target, offset, min(step, self.source.size - offset),
-            max(CLUSTER, self.target.cluster_size), False)
+            max(CLUSTER, self.target.cluster_size), False, first)
 
 
 def backup_job(
