@@ -104,6 +104,9 @@ class HostFile:
         # since it last started, and how many bytes.
         self.write_behind = False
         self._written_from = self._written_to = self._written = 0
+        # Whether the file itself is shorter than `size` (extend): it catches up before the
+        # next write or sync, unless that write reaches as far.
+        self._short = False
 
     def pread(self, offset: int, length: int) -> bytes:
         """LENGTH bytes at OFFSET; what lies past the end of the file reads as zeroes."""
@@ -121,6 +124,7 @@ class HostFile:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        self._catch_up(offset + len(view))
         if self.log is not None:
             self.log.write(offset, view)
         done = 0
@@ -151,6 +155,7 @@ class HostFile:
     def copy_from(self, source_fd: int, source_offset: int, offset: int, length: int) -> None:
         """Copy LENGTH bytes at SOURCE_OFFSET of another file to OFFSET of this one, in the
         kernel where it can (what lies past the source's end becomes zeroes)."""
+        self._catch_up(offset + length)
         if self.log is None:
             # By hand from where the kernel stopped (the source's end, no support).
             copied, _ = kernel_copy(source_fd, source_offset, self.fd, offset, length)
@@ -165,16 +170,30 @@ class HostFile:
             self.pwrite(offset + at, data + bytes(n - len(data)))
 
     def extend(self, size: int) -> None:
-        """Make the file at least SIZE bytes long (sparse)."""
+        """Make the file at least SIZE bytes long (sparse): at once as far as anyone asks
+        (`size`), on disk before the next write or sync. (A new L2 table makes the file
+        longer; the data written next mostly lies past it, and lengthens the file itself.)"""
         if size <= self.size:
             return
-        if self.log is not None:
-            self.log.extend(size)
-        os.ftruncate(self.fd, size)
-        self.unsynced = True
+        self._short = True
+        self.unsynced = True  # (the next flush syncs, and so catches up)
         self._grown_to(size)
 
+    def _catch_up(self, end: int) -> None:
+        """Before a write that ends at END (a sync: 0): the file as long as `size` says, so
+        that nothing written refers to a cluster past its end."""
+        if not self._short:
+            return
+        self._short = False
+        if end >= self.size:
+            return  # the write itself makes it that long
+        if self.log is not None:
+            self.log.extend(self.size)
+        os.ftruncate(self.fd, self.size)
+        self.unsynced = True
+
     def sync(self) -> None:
+        self._catch_up(0)
         if self.log is not None:
             self.log.sync()
         if not self.no_flush:

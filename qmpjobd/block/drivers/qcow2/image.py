@@ -332,7 +332,7 @@ class Qcow2Image:
         self.tables.set_l1(l1_index, offset | COPIED)
         # QEMU writes a new table out at once: the file is that long from now on (what the
         # file node reports while the image is open), though the table itself waits for the
-        # next flush here.
+        # next flush here, and the file on disk for the next write (HostFile.extend).
         self.file.extend(offset + self.cluster_size)
         return offset
 
