@@ -318,8 +318,9 @@ class Qcow2Image:
         else:
             self.file.pwrite(host, source[:length])
 
-    def _table_for_write(self, guest: int) -> int:
-        """The L2 table of GUEST's range, allocated (empty) if it has none."""
+    def _table_for_write(self, guest: int, fill: int = 0) -> int:
+        """The L2 table of GUEST's range, allocated if it has none (every entry FILL: empty,
+        or a zero cluster for a table zeroed whole)."""
         l1_index = (guest >> self.header.cluster_bits) // self.tables.l2_entries
         entry = self.tables.l1[l1_index]
         if entry & OFFSET_MASK:
@@ -328,7 +329,7 @@ class Qcow2Image:
                                  f"{l1_index:#x}): repair the image with qemu-img check -r all")
             return entry & OFFSET_MASK
         offset = self.refcounts.alloc(self.cluster_size)
-        self.tables.new_l2(offset, array("Q", bytes(self.cluster_size)))
+        self.tables.new_l2(offset, self.tables.filled(fill))
         self.tables.set_l1(l1_index, offset | COPIED)
         # QEMU writes a new table out at once: the file is that long from now on (what the
         # file node reports while the image is open), though the table itself waits for the
@@ -444,6 +445,10 @@ class Qcow2Image:
             stop = min(end, position - position % span + span)
             first = (position // cluster) % self.tables.l2_entries
             last = first + -(-(stop - position) // cluster)
+            if stop - position == span and not self.tables.l1[position // span] & OFFSET_MASK:
+                self._table_for_write(position, ZERO)  # a new table, zeroed whole
+                position = stop
+                continue
             l2_offset = self._table_for_write(position)
             if self.tables.clear(l2_offset, first, last):
                 self.tables.fill_entries(l2_offset, first, last, ZERO)

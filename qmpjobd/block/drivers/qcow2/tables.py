@@ -116,6 +116,7 @@ class Tables:
         # them yet, so they may be written out at any time (the flush syncs them before the
         # L1 entries that link them).
         self._unlinked: set[int] = set()
+        self._templates: dict[int, array[int]] = {}
         # Called before a dirty table that the disk links would leave the cache: write the
         # dirty tables out, in order.
         self.write_back: Callable[[], None] = lambda: None
@@ -175,6 +176,13 @@ class Tables:
                                                     for offset in batch[start:end]))
             start = end
         self.l2_dirty.difference_update(batch)
+
+    def filled(self, value: int) -> array[int]:
+        """A new table whose every entry is VALUE (a copy of one kept for the purpose)."""
+        template = self._templates.get(value)
+        if template is None:
+            template = self._templates[value] = array("Q", [value]) * self.l2_entries
+        return array("Q", template)
 
     def new_l2(self, offset: int, table: array[int]) -> None:
         """A table just allocated at OFFSET (to be written out)."""
