@@ -341,3 +341,29 @@ def test_the_header_as_qemu_img_rebase_writes_it(tmp_path: Path, backing: str | 
         argv += ["-F", fmt]
     qemu_img(*argv, str(reference))
     assert mine.read_bytes() == reference.read_bytes()
+
+
+def test_a_longer_file_reaches_its_end_on_disk_before_anything_else_is_written(
+        tmp_path: Path) -> None:
+    """HostFile.extend (a new L2 table) makes the file longer for the driver at once, and on
+    disk before the next write or sync: no metadata written can name a cluster past the end
+    of the file; a write that reaches further makes the file longer itself."""
+    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4096))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        file = HostFile(fd)
+        file.extend(1 << 20)
+        assert file.size == 1 << 20
+        file.pwrite(0, b"x" * 512)  # short of the new end
+        assert os.fstat(fd).st_size == 1 << 20
+        file.extend(2 << 20)
+        file.pwrite(3 << 20, b"y" * 512)  # past it
+        assert os.fstat(fd).st_size == (3 << 20) + 512
+        file.extend(4 << 20)
+        file.sync()
+        assert os.fstat(fd).st_size == 4 << 20
+    finally:
+        os.close(fd)

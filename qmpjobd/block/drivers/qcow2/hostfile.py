@@ -148,9 +148,12 @@ class HostFile:
             self._written = 0
 
     def _grown_to(self, end: int) -> None:
+        """A write that ended at END succeeded."""
         if end > self.size:
             self.size = end
             self._grew(end)
+        if end == self.size:
+            self._short = False  # the file on disk reaches as far as it must
 
     def copy_from(self, source_fd: int, source_offset: int, offset: int, length: int) -> None:
         """Copy LENGTH bytes at SOURCE_OFFSET of another file to OFFSET of this one, in the
@@ -175,21 +178,21 @@ class HostFile:
         longer; the data written next mostly lies past it, and lengthens the file itself.)"""
         if size <= self.size:
             return
+        self.size = size
+        self._grew(size)
         self._short = True
         self.unsynced = True  # (the next flush syncs, and so catches up)
-        self._grown_to(size)
 
     def _catch_up(self, end: int) -> None:
         """Before a write that ends at END (a sync: 0): the file as long as `size` says, so
-        that nothing written refers to a cluster past its end."""
-        if not self._short:
+        that nothing written refers to a cluster past its end; unless the write itself
+        reaches that far (once it has, `_grown_to` says so)."""
+        if not self._short or end >= self.size:
             return
-        self._short = False
-        if end >= self.size:
-            return  # the write itself makes it that long
         if self.log is not None:
             self.log.extend(self.size)
         os.ftruncate(self.fd, self.size)
+        self._short = False
         self.unsynced = True
 
     def sync(self) -> None:
