@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,18 @@ def run_to_end(conn: QmpConnection, scenario: Scenario) -> None:
             "return": {}}
 
 
+@contextmanager
+def logging_daemon(root: Path) -> Iterator[tuple[QmpConnection, Path]]:
+    """A daemon in ROOT that records every write and sync to its images in ROOT/log (the
+    write log), and a connection to it: (connection, log directory)."""
+    log = root / "log"
+    log.mkdir()
+    env = daemon_env(QMPJOBD_QCOW2_WRITE_LOG=str(log))
+    with DaemonProcess.start(root, "--log", str(root / "qmpjobd.log"), program=QMPJOBD,
+                             env=env) as daemon, daemon.connect() as conn:
+        yield conn, log
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Per scenario: a directory with its starting images, and the job's result (the
@@ -216,11 +229,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         make_images(start, scenario, seed)
         run = root / "run"
         shutil.copytree(start, run)
-        log = root / "log"
-        log.mkdir()
-        env = daemon_env(QMPJOBD_QCOW2_WRITE_LOG=str(log))
-        with DaemonProcess.start(root, "--log", str(root / "qmpjobd.log"), program=QMPJOBD,
-                                 env=env) as daemon, daemon.connect() as conn:
+        with logging_daemon(root) as (conn, _):
             start_job(conn, scenario, run, 0)
             run_to_end(conn, scenario)
         check_clean(run / scenario.written)
@@ -392,11 +401,7 @@ def test_a_mirror_target_is_durable_once_ready(tmp_path: Path) -> None:
                        nodes=[_qcow2("src", "src.qcow2"), _qcow2("t", "t.qcow2")])
     images = tmp_path / "images"
     make_images(images, scenario, 0)
-    log = tmp_path / "log"
-    log.mkdir()
-    env = daemon_env(QMPJOBD_QCOW2_WRITE_LOG=str(log))
-    with DaemonProcess.start(tmp_path, "--log", str(tmp_path / "qmpjobd.log"), program=QMPJOBD,
-                             env=env) as daemon, daemon.connect() as conn:
+    with logging_daemon(tmp_path) as (conn, log):
         start_job(conn, scenario, images, 0)
         while True:
             event = conn.receive(timeout=60)

@@ -8,8 +8,9 @@ writing to the source here, so a ready mirror has nothing more to copy.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -77,20 +78,26 @@ class MirrorJob(BlockJob):
             await self.sleep_ns(1 << 62)
 
     async def _flush_target(self) -> None:
-        """What was copied made durable before READY, as QEMU's mirror does; a failed flush
-        goes to the error policy as a failed write does."""
-        while True:
+        """What was copied made durable before READY, as QEMU's mirror does."""
+        async def flush() -> None:
             self.io_begin()
             try:
                 await self.target.flush()
-                return
-            except OSError as e:
-                failure = CopyFailed("write", e, 0)
             finally:
                 self.io_end()
-            action = self.io_failed(failure)
-            if action == "report":
-                raise failure.error
+        await self._written(flush)
+
+    async def _written(self, write: Callable[[], Awaitable[None]]) -> None:
+        """WRITE done, or retried as the error policy says after each failure (a failed
+        write's BLOCK_JOB_ERROR; 'report' raises its error)."""
+        while True:
+            try:
+                await write()
+                return
+            except OSError as e:
+                action = self.io_failed(CopyFailed("write", e, 0))
+                if action == "report":
+                    raise
             await self.retry_after(action)
 
     async def _check_sizes(self) -> None:
@@ -126,14 +133,8 @@ class MirrorJob(BlockJob):
         while offset < self.source.size:
             await self.pause_point()
             length = min(piece, self.source.size - offset)
-            try:
-                await trio.to_thread.run_sync(self.target.zero_sync, offset, length, True)
-            except OSError as e:
-                action = self.io_failed(CopyFailed("write", e, 0))
-                if action == "report":
-                    raise
-                await self.retry_after(action)
-                continue
+            await self._written(functools.partial(
+                trio.to_thread.run_sync, self.target.zero_sync, offset, length, True))
             offset += length
 
     async def _copy_range(self, offset: int, length: int) -> None:
