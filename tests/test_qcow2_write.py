@@ -367,3 +367,28 @@ def test_a_longer_file_reaches_its_end_on_disk_before_anything_else_is_written(
         assert os.fstat(fd).st_size == 4 << 20
     finally:
         os.close(fd)
+
+
+def test_reserved_blocks_are_allocated_zeroes_and_leave_the_length(tmp_path: Path) -> None:
+    """What HostFile does before a long write past the file's end (reserve_blocks): the
+    range's blocks are allocated, the file keeps its length and what it holds, and a write
+    into the range then lengthens the file as any write would."""
+    from qmpjobd.block.drivers.file import reserve_blocks
+
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 4096)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = os.fstat(fd).st_blocks
+        if not reserve_blocks(fd, 1 << 20, 1 << 20):
+            pytest.skip("this file system cannot reserve blocks")
+        after = os.fstat(fd)
+        assert after.st_size == 4096
+        assert (after.st_blocks - before) * 512 >= 1 << 20
+        assert path.read_bytes() == b"a" * 4096
+        os.pwrite(fd, b"b" * 512, (2 << 20) - 512)
+        assert os.fstat(fd).st_size == 2 << 20
+        assert path.read_bytes() == b"a" * 4096 + bytes((2 << 20) - 4096 - 512) + b"b" * 512
+        assert os.fstat(fd).st_blocks == after.st_blocks  # written where it was reserved
+    finally:
+        os.close(fd)

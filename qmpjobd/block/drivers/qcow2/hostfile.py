@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import BinaryIO, Final
 
 from ..base import kernel_copy
-from ..file import start_writeback
+from ..file import reserve_blocks, start_writeback
 
 # A log record: its kind, the offset and the length of the data that follows (a write), or
 # nothing more (a sync); and its place among the records of every log of the process (a
@@ -32,6 +32,10 @@ EXTEND: Final = b"E"
 # the sync a job must make (before a header names a new backing file, before a mirror is
 # ready) then waits for little more than the last of them, not for everything the job wrote.
 WRITEBACK_BATCH: Final = 16 << 20
+# The shortest write past the file's end whose blocks are reserved first (reserve_blocks):
+# for shorter ones the extra call costs about what it saves (64 KiB writes: 7% slower,
+# 256 KiB: 12% faster). Data runs are this long; metadata, a cluster at a time, is not.
+RESERVE_MIN: Final = 256 << 10
 # Environment variable: a directory to write a log per image into (named after the image).
 WRITE_LOG_ENV: Final = "QMPJOBD_QCOW2_WRITE_LOG"
 
@@ -107,6 +111,10 @@ class HostFile:
         # Whether the file itself is shorter than `size` (extend): it catches up before the
         # next write or sync, unless that write reaches as far.
         self._short = False
+        # How far the file's blocks are known to be allocated or reserved (a write past it
+        # reserves its blocks first), and whether the file system can reserve them.
+        self._reserved_to = self.size
+        self._reserving = True
 
     def pread(self, offset: int, length: int) -> bytes:
         """LENGTH bytes at OFFSET; what lies past the end of the file reads as zeroes."""
@@ -125,6 +133,7 @@ class HostFile:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         self._catch_up(offset + len(view))
+        self._reserve(offset, len(view))
         if self.log is not None:
             self.log.write(offset, view)
         done = 0
@@ -132,6 +141,15 @@ class HostFile:
             done += os.pwrite(self.fd, view[done:], offset + done)
         self._wrote(offset, len(view))
         self._grown_to(offset + len(view))
+
+    def _reserve(self, offset: int, length: int) -> None:
+        """Before a write of LENGTH bytes at OFFSET: its blocks reserved where it is long
+        enough and goes past what was reserved (new clusters at the file's end)."""
+        end = offset + length
+        if length < RESERVE_MIN or end <= self._reserved_to or not self._reserving:
+            return
+        self._reserving = reserve_blocks(self.fd, offset, length)
+        self._reserved_to = end
 
     def _wrote(self, offset: int, length: int) -> None:
         self.unsynced = True
@@ -160,6 +178,7 @@ class HostFile:
         kernel where it can (what lies past the source's end becomes zeroes)."""
         self._catch_up(offset + length)
         if self.log is None:
+            self._reserve(offset, length)
             # By hand from where the kernel stopped (the source's end, no support).
             copied, _ = kernel_copy(source_fd, source_offset, self.fd, offset, length)
             if copied:
