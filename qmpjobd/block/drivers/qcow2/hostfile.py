@@ -10,11 +10,12 @@ QMPJOBD_QCOW2_WRITE_LOG (docs/design.md, "qcow2 and crashes") and never in norma
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO, Final
 
 from ..base import kernel_copy
@@ -131,16 +132,27 @@ class HostFile:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        self._catch_up(offset + len(view))
-        self._reserve(offset, len(view))
+        self.pwritev(offset, [data])
+
+    def pwritev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """PARTS written one after the other from OFFSET, from where they are (several
+        tables in one write without first joining them: no copy, no fresh memory)."""
+        views = collections.deque(memoryview(part) for part in parts)
+        length = sum(len(view) for view in views)
+        self._catch_up(offset + length)
+        self._reserve(offset, length)
         if self.log is not None:
-            self.log.write(offset, view)
+            self.log.write(offset, b"".join(views) if len(views) > 1 else views[0])
         done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
-        self._wrote(offset, len(view))
-        self._grown_to(offset + len(view))
+        while views:
+            n = os.pwritev(self.fd, views, offset + done)
+            done += n
+            while views and n >= len(views[0]):
+                n -= len(views.popleft())
+            if n:
+                views[0] = views[0][n:]
+        self._wrote(offset, length)
+        self._grown_to(offset + length)
 
     def _reserve(self, offset: int, length: int) -> None:
         """Before a write of LENGTH bytes at OFFSET: its blocks reserved where it is long

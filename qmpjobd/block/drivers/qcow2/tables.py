@@ -116,7 +116,9 @@ class Tables:
         # them yet, so they may be written out at any time (the flush syncs them before the
         # L1 entries that link them).
         self._unlinked: set[int] = set()
+        # Tables of one repeated entry (filled), and their encodings (_encode).
         self._templates: dict[int, array[int]] = {}
+        self._encoded_templates: dict[int, bytes] = {}
         # Called before a dirty table that the disk links would leave the cache: write the
         # dirty tables out, in order.
         self.write_back: Callable[[], None] = lambda: None
@@ -172,10 +174,21 @@ class Tables:
             end = start + 1
             while end < len(batch) and batch[end] == batch[end - 1] + self.cluster_size:
                 end += 1
-            self.file.pwrite(batch[start], b"".join(encode(self._cache[offset])
-                                                    for offset in batch[start:end]))
+            self.file.pwritev(batch[start], [self._encode(self._cache[offset])
+                                             for offset in batch[start:end]])
             start = end
         self.l2_dirty.difference_update(batch)
+
+    def _encode(self, table: array[int]) -> bytes:
+        """TABLE as written: one encoding shared by every table that still equals a
+        template (a sparse image's zeroing writes thousands alike)."""
+        for value, template in self._templates.items():
+            if table == template:
+                encoded = self._encoded_templates.get(value)
+                if encoded is None:
+                    encoded = self._encoded_templates[value] = encode(template)
+                return encoded
+        return encode(table)
 
     def filled(self, value: int) -> array[int]:
         """A new table whose every entry is VALUE (a copy of one kept for the purpose)."""
