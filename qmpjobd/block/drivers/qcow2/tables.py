@@ -180,10 +180,10 @@ class Tables:
         self.l2_dirty.difference_update(batch)
 
     def _encode(self, table: array[int]) -> bytes:
-        """TABLE as written: one encoding shared by every table that still equals a
+        """TABLE as written: one encoding shared by every table that is or still equals a
         template (a sparse image's zeroing writes thousands alike)."""
         for value, template in self._templates.items():
-            if table == template:
+            if table is template or table == template:
                 encoded = self._encoded_templates.get(value)
                 if encoded is None:
                     encoded = self._encoded_templates[value] = encode(template)
@@ -191,11 +191,19 @@ class Tables:
         return encode(table)
 
     def filled(self, value: int) -> array[int]:
-        """A new table whose every entry is VALUE (a copy of one kept for the purpose)."""
+        """A new table whose every entry is VALUE: one kept for the purpose, shared by every
+        table made so until it changes (_writable copies it then)."""
         template = self._templates.get(value)
         if template is None:
             template = self._templates[value] = array("Q", [value]) * self.l2_entries
-        return array("Q", template)
+        return template
+
+    def _writable(self, offset: int) -> array[int]:
+        """The table at OFFSET, to be changed: its own copy if it shares a template."""
+        table = self.l2(offset)
+        if table is self._templates.get(table[0]):
+            table = self._cache[offset] = array("Q", table)
+        return table
 
     def new_l2(self, offset: int, table: array[int]) -> None:
         """A table just allocated at OFFSET (to be written out)."""
@@ -205,18 +213,19 @@ class Tables:
 
     def set_entry(self, l2_offset: int, index: int, value: int) -> None:
         """Change one entry of the table at L2_OFFSET. Always through here, never through a
-        table held from before: the cache may have let it go meanwhile."""
-        self.l2(l2_offset)[index] = value
+        table held from before: the cache may have let it go meanwhile, or a shared template
+        may stand in for it (filled)."""
+        self._writable(l2_offset)[index] = value
         self.l2_dirty.add(l2_offset)
 
     def set_entries(self, l2_offset: int, first: int, values: list[int]) -> None:
         """Entries FIRST.. of the table at L2_OFFSET become VALUES (one slice)."""
-        self.l2(l2_offset)[first:first + len(values)] = array("Q", values)
+        self._writable(l2_offset)[first:first + len(values)] = array("Q", values)
         self.l2_dirty.add(l2_offset)
 
     def fill_entries(self, l2_offset: int, first: int, last: int, value: int) -> None:
         """Entries FIRST..LAST-1 of the table at L2_OFFSET all become VALUE (one slice)."""
-        self.l2(l2_offset)[first:last] = array("Q", [value]) * (last - first)
+        self._writable(l2_offset)[first:last] = array("Q", [value]) * (last - first)
         self.l2_dirty.add(l2_offset)
 
     def set_l1(self, index: int, value: int) -> None:
@@ -236,7 +245,7 @@ class Tables:
 
     def dirty_tables(self) -> list[tuple[int, bytes]]:
         """The dirty L2 tables as they go to disk, in file order; they are clean afterwards."""
-        out = [(offset, encode(self._cache[offset])) for offset in sorted(self.l2_dirty)]
+        out = [(offset, self._encode(self._cache[offset])) for offset in sorted(self.l2_dirty)]
         self.l2_dirty.clear()
         return out
 
