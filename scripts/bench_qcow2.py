@@ -119,6 +119,16 @@ class Watch:
         self._thread.join()
 
 
+def cached(path: str) -> None:
+    """PATH read through once, so that a job starts with all of it in the page cache. A host
+    may page out what has gone unread for a while (this one runs DAMON's proactive pageout):
+    without this, some runs of either daemon read their source from the disk, others not."""
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(8 * MIB)
+        while f.readinto(buffer):
+            pass
+
+
 def qcow2_node(name: str, path: str, **extra: Any) -> dict[str, Any]:
     return {"driver": "qcow2", "node-name": name,
             "file": {"driver": "file", "filename": path}, **extra}
@@ -203,6 +213,7 @@ def workloads(workdir: str) -> list[Workload]:
     def stream(_: str) -> tuple[list[dict[str, Any]], str, dict[str, Any], bool]:
         fresh_overlay(_)
         os.sync()
+        cached(half)
         return [qcow2_node("top", top)], "block-stream", {"device": "top"}, False
 
     def commit(_: str) -> tuple[list[dict[str, Any]], str, dict[str, Any], bool]:
@@ -216,6 +227,7 @@ def workloads(workdir: str) -> list[Workload]:
             [str], tuple[list[dict[str, Any]], str, dict[str, Any], bool]]:
         def prepare(_: str) -> tuple[list[dict[str, Any]], str, dict[str, Any], bool]:
             fresh_qcow2_target("1G")
+            cached(half)
             return ([qcow2_node("src", half, **{"read-only": True}), qcow2_node("tgt", target)],
                     command, {"device": "src", "target": "tgt", "sync": "full"}, complete)
         return prepare
@@ -328,6 +340,7 @@ def sparse_backups(workdir: str, conns: dict[str, list[JobClient]], watchers: di
                     os.remove(target)
                 sh("qemu-img", "create", "-q", "-f", "qcow2", target, size)
                 os.sync()
+                cached(source)
                 client.execute("blockdev-add", qcow2_node("src", source, **{"read-only": True}))
                 client.execute("blockdev-add", qcow2_node("tgt", target))
                 watcher = watchers[name]
