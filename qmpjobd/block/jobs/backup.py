@@ -140,6 +140,11 @@ class BackupJob(BlockJob):
                 extent = self.source.block_status(offset, end - offset)
                 if extent.zero and extent.length > step:
                     step = max(step, extent.length - extent.length % CLUSTER)
+                elif not extent.zero and extent.length < step:
+                    # Data that ends short of the step: the step ends with it, so that the
+                    # zeroes after it are one step of their own, as long as they run.
+                    unit = max(CLUSTER, self.target.cluster_size)
+                    step = min(step, -(-extent.length // unit) * unit)
             except OSError:
                 pass  # the copy meets the error, and the error policy acts on it
             try:
