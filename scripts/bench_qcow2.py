@@ -5,9 +5,9 @@ script), each side by side with qemu-storage-daemon in the same run, as ratios.
     scripts/bench_qcow2.py qcow2|mirror-sparse [--dir DIR]
 
 qcow2: on 1 GiB images of 64 KiB clusters, with a second client sending query-jobs every
-millisecond while each job runs (monitor latency; WATCH_INTERVAL), 5 runs per daemon, interleaved, after an untimed round;
-medians, and throughput as the bytes the job moves over the time from command to
-BLOCK_JOB_COMPLETED:
+millisecond while each job runs (monitor latency; WATCH_INTERVAL), each job's source read
+through first (page cache), 5 runs per daemon, interleaved, after an untimed round; medians,
+and throughput as the bytes the job moves over the time from command to BLOCK_JOB_COMPLETED:
 
     stream    a fresh empty overlay of half.qcow2 (random data in every other MiB: 512 MiB)
               streams what its backing file holds
