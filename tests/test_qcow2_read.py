@@ -291,6 +291,39 @@ def test_allocation_of_long_and_broken_runs_equals_qemu_img_map(tmp_path: Path,
     assert our_map(image) == theirs
 
 
+@pytest.mark.parametrize(("cluster", "tables_of", "long_runs"), [
+    (65536, 512 * MiB, True), (4096, 2 * MiB, True), (2048, 512 * 1024, False)])
+def test_unallocated_runs_go_on_through_tables_that_do_not_exist(
+        tmp_path: Path, cluster: int, tables_of: int, long_runs: bool) -> None:
+    """A run of unallocated clusters that reaches the end of its L2 table's range goes on
+    through the ranges that have no table, up to the next that has one, where a table covers
+    2 MiB or more; with smaller tables it stops at its table's end, as QEMU's answers do (a
+    job asks again there)."""
+    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
+    from qmpjobd.block.drivers.qcow2.image import Kind, Qcow2Image
+
+    image = tmp_path / "r.qcow2"
+    size = 8 * tables_of
+    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(image), str(size))
+    # Tables 0 and 5 exist (a cluster written at the start of each); 1-4 and 6-7 do not.
+    qemu_io(image, f"write -P 1 0 {cluster}", f"write -P 2 {5 * tables_of} {cluster}")
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        reader = Qcow2Image(HostFile(fd))
+        assert reader.status(cluster, size) == (
+            (5 * tables_of if long_runs else tables_of) - cluster, Kind.UNALLOCATED, None)
+        assert reader.status(tables_of, size)[0] == (4 * tables_of if long_runs else tables_of)
+        # To the end of the image, and never past the range asked about.
+        after = 5 * tables_of + cluster
+        assert reader.status(after, size - after)[0] == (
+            (size if long_runs else 6 * tables_of) - after)
+        assert reader.status(cluster, 3 * tables_of)[0] == (
+            3 * tables_of if long_runs else tables_of - cluster)
+        assert reader.status(0, size) == (cluster, Kind.NORMAL, reader.status(0, cluster)[2])
+    finally:
+        os.close(fd)
+
+
 # -- reference counts and the consistency check --------------------------------------------------
 
 

@@ -47,6 +47,9 @@ _AUTOCLEAR_AT: Final = 88
 # And the virtual size, and the L1 table's size and offset, in every version.
 _SIZE_AT: Final = 24
 _L1_FIELDS_AT: Final = 36
+# The least range of an L2 table (4 KiB clusters) whose unallocated runs may go on past it
+# (_status): far above any job's chunk, so no job splits its work differently.
+_LONG_SPAN: Final = 2 << 20
 
 
 
@@ -223,7 +226,10 @@ class Qcow2Image:
         cluster = self.cluster_size
         tables = self.tables
         # As QEMU's: one answer never goes past the range of the L2 table it starts in (with
-        # 512-byte clusters, 32 KiB; jobs then copy such short runs as data, as QEMU's do).
+        # 512-byte clusters, 32 KiB; jobs then copy such short runs as data, as QEMU's do);
+        # but for an unallocated run that reaches the table's end and goes on through tables
+        # that do not exist, where the tables cover _LONG_SPAN or more (a job asking again
+        # at each table's end would get the same answer: only the questions are fewer).
         span = tables.l2_entries * cluster
         end = min(offset + length, self.size, offset - offset % span + span)
         first = tables.lookup(offset)
@@ -258,7 +264,17 @@ class Qcow2Image:
             if host is None and first.kind is Kind.ZERO and mapping.host:
                 break  # a zero cluster that keeps a host cluster, after ones that do not
             position += cluster
-        return min(position, end) - offset, first.kind, host
+        run_end = min(position, end)
+        if (first.kind is Kind.UNALLOCATED and span >= _LONG_SPAN
+                and run_end == offset - offset % span + span):
+            # Unallocated to the table's end: on through the tables never allocated after it.
+            limit = min(offset + length, self.size)
+            l1_index = run_end // span
+            while run_end < limit and (l1_index >= len(tables.l1)
+                                       or not tables.l1[l1_index] & OFFSET_MASK):
+                run_end = min(run_end + span, limit)
+                l1_index += 1
+        return run_end - offset, first.kind, host
 
     # -- writing ---------------------------------------------------------------------------
 
