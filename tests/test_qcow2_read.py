@@ -324,6 +324,24 @@ def test_unallocated_runs_go_on_through_tables_that_do_not_exist(
         os.close(fd)
 
 
+def test_one_answer_spans_at_most_1024_tables_that_do_not_exist(tmp_path: Path) -> None:
+    """However many tables are missing after an unallocated run, one status answer goes over
+    at most 1024 of them (a step each): a large empty image is walked in bounded calls."""
+    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
+    from qmpjobd.block.drivers.qcow2.image import Kind, Qcow2Image
+
+    image = tmp_path / "e.qcow2"
+    span = 2 * MiB  # 4 KiB clusters
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(image), str(4000 * span))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        reader = Qcow2Image(HostFile(fd))
+        assert reader.status(0, reader.size) == (1025 * span, Kind.UNALLOCATED, None)
+        assert reader.status(3000 * span, reader.size - 3000 * span)[0] == 1000 * span
+    finally:
+        os.close(fd)
+
+
 # -- reference counts and the consistency check --------------------------------------------------
 
 

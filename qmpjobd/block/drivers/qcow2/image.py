@@ -50,6 +50,7 @@ _L1_FIELDS_AT: Final = 36
 # The least range of an L2 table (4 KiB clusters) whose unallocated runs may go on past it
 # (_status): far above any job's chunk, so no job splits its work differently.
 _LONG_SPAN: Final = 2 << 20
+_LONG_RUN_TABLES: Final = 1024
 
 
 
@@ -267,8 +268,9 @@ class Qcow2Image:
         run_end = min(position, end)
         if (first.kind is Kind.UNALLOCATED and span >= _LONG_SPAN
                 and run_end == offset - offset % span + span):
-            # Unallocated to the table's end: on through the tables never allocated after it.
-            limit = min(offset + length, self.size)
+            # Unallocated to the table's end: on through the tables never allocated after it
+            # (a step per table: at most _LONG_RUN_TABLES of them in one answer).
+            limit = min(offset + length, self.size, run_end + _LONG_RUN_TABLES * span)
             l1_index = run_end // span
             while run_end < limit and (l1_index >= len(tables.l1)
                                        or not tables.l1[l1_index] & OFFSET_MASK):
