@@ -48,7 +48,8 @@ _AUTOCLEAR_AT: Final = 88
 _SIZE_AT: Final = 24
 _L1_FIELDS_AT: Final = 36
 # The least range of an L2 table (4 KiB clusters) whose unallocated runs may go on past it
-# (_status): far above any job's chunk, so no job splits its work differently.
+# (_status): a multiple of every job's granularity (64 KiB up to a 2 MiB target cluster), so
+# no piece a job asks about ends inside a table, and no job splits its work differently.
 _LONG_SPAN: Final = 2 << 20
 _LONG_RUN_TABLES: Final = 1024
 
