@@ -15,13 +15,18 @@ import re
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from qmpjobd.block.drivers.qcow2.header import Header, Qcow2Error, parse_header
 from tests.conftest import missing
+
+if TYPE_CHECKING:
+    from qmpjobd.block.drivers.qcow2.image import Qcow2Image
 
 MiB = 1 << 20
 
@@ -230,14 +235,24 @@ def test_reads_fall_through_to_the_backing_file(tmp_path: Path) -> None:
     assert read_all(image, base) == as_raw(tmp_path, image)
 
 
-def our_map(image: Path) -> list[dict[str, Any]]:
-    """The image's allocation as `qemu-img map --output=json` writes it (one layer)."""
+@contextmanager
+def opened(image: Path) -> Iterator[Qcow2Image]:
+    """IMAGE open read-only, without a backing file."""
     from qmpjobd.block.drivers.qcow2.hostfile import HostFile
-    from qmpjobd.block.drivers.qcow2.image import Kind, Qcow2Image
+    from qmpjobd.block.drivers.qcow2.image import Qcow2Image
 
     fd = os.open(image, os.O_RDONLY)
     try:
-        reader = Qcow2Image(HostFile(fd))
+        yield Qcow2Image(HostFile(fd))
+    finally:
+        os.close(fd)
+
+
+def our_map(image: Path) -> list[dict[str, Any]]:
+    """The image's allocation as `qemu-img map --output=json` writes it (one layer)."""
+    from qmpjobd.block.drivers.qcow2.image import Kind
+
+    with opened(image) as reader:
         entries: list[dict[str, Any]] = []
         offset = 0
         while offset < reader.size:
@@ -253,8 +268,6 @@ def our_map(image: Path) -> list[dict[str, Any]]:
             entries.append(entry)
             offset += length
         return entries
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -299,17 +312,14 @@ def test_unallocated_runs_go_on_through_tables_that_do_not_exist(
     through the ranges that have no table, up to the next that has one, where a table covers
     2 MiB or more; with smaller tables it stops at its table's end, as QEMU's answers do (a
     job asks again there)."""
-    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
-    from qmpjobd.block.drivers.qcow2.image import Kind, Qcow2Image
+    from qmpjobd.block.drivers.qcow2.image import Kind
 
     image = tmp_path / "r.qcow2"
     size = 8 * tables_of
     qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(image), str(size))
     # Tables 0 and 5 exist (a cluster written at the start of each); 1-4 and 6-7 do not.
     qemu_io(image, f"write -P 1 0 {cluster}", f"write -P 2 {5 * tables_of} {cluster}")
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        reader = Qcow2Image(HostFile(fd))
+    with opened(image) as reader:
         assert reader.status(cluster, size) == (
             (5 * tables_of if long_runs else tables_of) - cluster, Kind.UNALLOCATED, None)
         assert reader.status(tables_of, size)[0] == (4 * tables_of if long_runs else tables_of)
@@ -320,26 +330,19 @@ def test_unallocated_runs_go_on_through_tables_that_do_not_exist(
         assert reader.status(cluster, 3 * tables_of)[0] == (
             3 * tables_of if long_runs else tables_of - cluster)
         assert reader.status(0, size) == (cluster, Kind.NORMAL, reader.status(0, cluster)[2])
-    finally:
-        os.close(fd)
 
 
 def test_one_answer_spans_at_most_1024_tables_that_do_not_exist(tmp_path: Path) -> None:
     """However many tables are missing after an unallocated run, one status answer goes over
     at most 1024 of them (a step each): a large empty image is walked in bounded calls."""
-    from qmpjobd.block.drivers.qcow2.hostfile import HostFile
-    from qmpjobd.block.drivers.qcow2.image import Kind, Qcow2Image
+    from qmpjobd.block.drivers.qcow2.image import Kind
 
     image = tmp_path / "e.qcow2"
     span = 2 * MiB  # 4 KiB clusters
     qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(image), str(4000 * span))
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        reader = Qcow2Image(HostFile(fd))
+    with opened(image) as reader:
         assert reader.status(0, reader.size) == (1025 * span, Kind.UNALLOCATED, None)
         assert reader.status(3000 * span, reader.size - 3000 * span)[0] == 1000 * span
-    finally:
-        os.close(fd)
 
 
 # -- reference counts and the consistency check --------------------------------------------------

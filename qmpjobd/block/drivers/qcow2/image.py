@@ -255,7 +255,7 @@ class Qcow2Image:
             if first.kind is Kind.UNALLOCATED:
                 # A range with no L2 table is unallocated all through.
                 l1_index = position // span
-                if l1_index >= len(tables.l1) or not tables.l1[l1_index] & OFFSET_MASK:
+                if tables.no_table(l1_index):
                     position = end
                     break
             mapping = tables.lookup(position)
@@ -273,8 +273,7 @@ class Qcow2Image:
             # (a step per table: at most _LONG_RUN_TABLES of them in one answer).
             limit = min(offset + length, self.size, run_end + _LONG_RUN_TABLES * span)
             l1_index = run_end // span
-            while run_end < limit and (l1_index >= len(tables.l1)
-                                       or not tables.l1[l1_index] & OFFSET_MASK):
+            while run_end < limit and tables.no_table(l1_index):
                 run_end = min(run_end + span, limit)
                 l1_index += 1
         return run_end - offset, first.kind, host

@@ -266,13 +266,17 @@ class Tables:
             start = end
         return runs
 
+    def no_table(self, l1_index: int) -> bool:
+        """Whether the range of L1_INDEX has no L2 table (all of it unallocated)."""
+        return l1_index >= len(self.l1) or not self.l1[l1_index] & OFFSET_MASK
+
     def same_entries(self, guest: int, limit: int) -> int:
         """How many clusters from GUEST's on (at most LIMIT, within its L2 table) have the
         very entry GUEST's has: a run of unallocated or zero clusters, measured on the
         table's bytes (a sparse image's status must not cost a step per cluster)."""
         index = guest >> self.cluster_bits
         l1_index, l2_index = divmod(index, self.l2_entries)
-        if l1_index >= len(self.l1) or not self.l1[l1_index] & OFFSET_MASK:
+        if self.no_table(l1_index):
             return limit
         table = self.l2(self.l1[l1_index] & OFFSET_MASK)
         stop = min(l2_index + limit, len(table))
