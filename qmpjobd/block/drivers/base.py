@@ -194,6 +194,17 @@ class Node:
         header is rewritten, a mirror's target before READY): write data out as it comes, so
         that the flush finds little left to wait for. Off again when the job is done."""
 
+    def defer_copies_sync(self) -> None:
+        """Until settle_copies_sync: write_from_sync may return once its copy is started,
+        made by a process of the node's while the caller goes on to its next request (only
+        the job that writes the node calls these, around a run of its requests). Blocking."""
+
+    def settle_copies_sync(self) -> tuple[int, OSError] | None:
+        """Every copy started done, its write finished; writes whole again. The failed write
+        with the lowest offset, if any: (its offset, its error), its range as it was before.
+        Blocking."""
+        return None
+
     def take_write(self) -> None:
         """A job starts writing this node (file nodes take their image's write lock)."""
 

@@ -12,6 +12,7 @@ and retried in the next pass, as the error policy says (blockjob.py).
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Any
 
@@ -129,31 +130,48 @@ class BackupJob(BlockJob):
         """_steps, in the worker thread: steps until FAST_CHUNK bytes of data are copied or
         TRIP_NS have passed (a pause or cancel waits no longer than that). A stretch that
         reads as zeroes is one step (a sparse image's zeroes are written in whole L2 tables'
-        worth at once, so that the job's time goes with its data, not its size)."""
+        worth at once, so that the job's time goes with its data, not its size). The target
+        may make the copies in a thread of its own meanwhile (defer_copies_sync): all are
+        done before the trip ends, and a failed one counts as its step's failure."""
         start = offset
         deadline = time.monotonic_ns() + TRIP_NS
         copied = 0
-        while offset < end:
-            step = min(self.fast_chunk, end - offset)
-            extent: Extent | None = None
-            try:
-                extent = self.source.block_status(offset, end - offset)
-                if extent.zero and extent.length > step:
-                    step = max(step, extent.length - extent.length % CLUSTER)
-                elif not extent.zero and extent.length < step:
-                    # Data that ends short of the step: the step ends with it, so that the
-                    # zeroes after it are one step of their own, as long as they run.
-                    unit = max(CLUSTER, self.target.cluster_size)
-                    step = min(step, -(-extent.length // unit) * unit)
-            except OSError:
-                pass  # the copy meets the error, and the error policy acts on it
-            try:
-                copied += self._copy_sync(offset, step, extent)
-            except CopyFailed as failure:
-                return offset - start, failure
-            offset += step
-            if copied >= self.fast_chunk or time.monotonic_ns() >= deadline:
-                break
+        steps: list[int] = []  # where each step began
+        failure: CopyFailed | None = None
+        self.target.defer_copies_sync()
+        try:
+            while offset < end:
+                step = min(self.fast_chunk, end - offset)
+                extent: Extent | None = None
+                try:
+                    extent = self.source.block_status(offset, end - offset)
+                    if extent.zero and extent.length > step:
+                        step = max(step, extent.length - extent.length % CLUSTER)
+                    elif not extent.zero and extent.length < step:
+                        # Data that ends short of the step: the step ends with it, so that
+                        # the zeroes after it are one step of their own, as long as they run.
+                        unit = max(CLUSTER, self.target.cluster_size)
+                        step = min(step, -(-extent.length // unit) * unit)
+                except OSError:
+                    pass  # the copy meets the error, and the error policy acts on it
+                steps.append(offset)
+                try:
+                    copied += self._copy_sync(offset, step, extent)
+                except CopyFailed as e:
+                    failure = e
+                    break
+                offset += step
+                if copied >= self.fast_chunk or time.monotonic_ns() >= deadline:
+                    break
+        finally:
+            late = self.target.settle_copies_sync()
+        if late is not None and (failure is None or late[0] < steps[-1] + failure.done):
+            # A deferred write failed first: the trip ends at it, as if it had failed there.
+            at, error = late
+            began = steps[bisect.bisect_right(steps, at) - 1]
+            return began - start, CopyFailed("write", error, at - began)
+        if failure is not None:
+            return steps[-1] - start, failure
         return offset - start, None
 
     def source_bitmap(self) -> dict[str, Any]:

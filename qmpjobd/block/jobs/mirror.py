@@ -242,13 +242,30 @@ class MirrorJob(BlockJob):
 
     def _requests_sync(self, batch: list[tuple[int, int, bool]]) -> tuple[
             int, CopyFailed | None]:
-        for done, (offset, length, _) in enumerate(batch):
-            try:
-                copy_by_status_sync(self.source, self.target, offset, length,
-                                    self.granularity, True)
-            except CopyFailed as failure:
-                return done, failure
-        return len(batch), None
+        """The requests of BATCH in turn, the target's copies made by its copier process
+        meanwhile (defer_copies_sync), all done before the trip ends: (how many were done,
+        the failure that stopped the next). A failed copy counts as its request's failure,
+        and the requests after it as not done (they are copied again)."""
+        done, failure = len(batch), None
+        self.target.defer_copies_sync()
+        try:
+            for n, (offset, length, _) in enumerate(batch):
+                try:
+                    copy_by_status_sync(self.source, self.target, offset, length,
+                                        self.granularity, True)
+                except CopyFailed as e:
+                    done, failure = n, e
+                    break
+        finally:
+            late = self.target.settle_copies_sync()
+        if late is not None:
+            at, error = late
+            first = next(n for n, (offset, length, _) in enumerate(batch)
+                         if offset + length > at)
+            into = at - batch[first][0]
+            if first < done or (failure is not None and first == done and into < failure.done):
+                done, failure = first, CopyFailed("write", error, into)
+        return done, failure
 
     async def _request(
         self, offset: int, length: int, zero: bool,

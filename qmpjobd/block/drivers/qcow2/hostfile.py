@@ -20,6 +20,7 @@ from typing import BinaryIO, Final
 
 from ..base import kernel_copy
 from ..file import reserve_blocks, start_writeback
+from .copier import Copier, CopierDied
 
 # A log record: its kind, the offset and the length of the data that follows (a write), or
 # nothing more (a sync); and its place among the records of every log of the process (a
@@ -78,6 +79,58 @@ def read_log(path: str) -> list[tuple[bytes, int, bytes, int]]:
             kind, offset, length, sequence = _RECORD.unpack(head)
             records.append((kind, offset, f.read(length), sequence))
     return records
+
+
+def copy_data(source_fd: int, source_offset: int, fd: int, offset: int, length: int,
+              log: WriteLog | None, by_hand: bool = False) -> None:
+    """The bytes of a copy into an image file (HostFile.copy_from) and nothing of its
+    bookkeeping: in the kernel where it can (not BY_HAND), by hand from where the kernel
+    stopped (the source's end, no support), zeroes past the source's end. With a write log,
+    all by hand, each write recorded."""
+    if log is None and not by_hand:
+        copied, _ = kernel_copy(source_fd, source_offset, fd, offset, length)
+        source_offset, offset, length = source_offset + copied, offset + copied, length - copied
+    for at in range(0, length, 1 << 20):
+        n = min(1 << 20, length - at)
+        data = os.pread(source_fd, n, source_offset + at)
+        data += bytes(n - len(data))
+        if log is not None:
+            log.write(offset + at, data)
+        view = memoryview(data)
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, view[done:], offset + at + done)
+
+
+class PendingCopy:
+    """A copy into FILE started by HostFile.copy_later. `done` waits for the copier process to
+    make it and makes by hand what the kernel left (after an error, or past the source's end:
+    zeroes); all of it if there is no copier, or it died. OSError if that fails. The file
+    counts the bytes as written (for its write-behind) once they are: a writeback started on
+    pages the child is filling would wait for it."""
+
+    def __init__(self, file: HostFile, copier: Copier | None, ticket: int, source_fd: int,
+                 source_offset: int, offset: int, length: int) -> None:
+        self._file = file
+        self._copier = copier
+        self._ticket = ticket
+        self._at = (source_fd, source_offset, offset, length)
+
+    def done(self) -> None:
+        source_fd, source_offset, offset, length = self._at
+        file = self._file
+        copied = 0
+        try:
+            if self._copier is not None:
+                copied = self._copier.result(self._ticket)
+        except CopierDied:
+            pass  # whatever it made of this copy, made again here
+        try:
+            if copied < length:
+                copy_data(source_fd, source_offset + copied, file.fd, offset + copied,
+                          length - copied, file.log, by_hand=bool(copied))
+        finally:
+            file._wrote(offset, length)
 
 
 def open_write_log(image_name: str) -> WriteLog | None:
@@ -157,11 +210,15 @@ class HostFile:
     def _reserve(self, offset: int, length: int) -> None:
         """Before a write of LENGTH bytes at OFFSET: its blocks reserved where it is long
         enough and goes past what was reserved (new clusters at the file's end)."""
+        if self._to_reserve(offset, length):
+            self._reserving = reserve_blocks(self.fd, offset, length)
+
+    def _to_reserve(self, offset: int, length: int) -> bool:
         end = offset + length
         if length < RESERVE_MIN or end <= self._reserved_to or not self._reserving:
-            return
-        self._reserving = reserve_blocks(self.fd, offset, length)
+            return False
         self._reserved_to = end
+        return True
 
     def _wrote(self, offset: int, length: int) -> None:
         self.unsynced = True
@@ -189,19 +246,32 @@ class HostFile:
         """Copy LENGTH bytes at SOURCE_OFFSET of another file to OFFSET of this one, in the
         kernel where it can (what lies past the source's end becomes zeroes)."""
         self._catch_up(offset + length)
-        if self.log is None:
-            self._reserve(offset, length)
-            # By hand from where the kernel stopped (the source's end, no support).
-            copied, _ = kernel_copy(source_fd, source_offset, self.fd, offset, length)
-            if copied:
-                self._wrote(offset, copied)
-                self._grown_to(offset + copied)
-            source_offset, offset, length = (source_offset + copied, offset + copied,
-                                             length - copied)
-        for at in range(0, length, 1 << 20):
-            n = min(1 << 20, length - at)
-            data = os.pread(source_fd, n, source_offset + at)
-            self.pwrite(offset + at, data + bytes(n - len(data)))
+        self._reserve(offset, length)
+        try:
+            copy_data(source_fd, source_offset, self.fd, offset, length, self.log)
+        finally:
+            self._wrote(offset, length)
+        self._grown_to(offset + length)
+
+    def copy_later(self, copier: Copier | None, source_fd: int, source_offset: int,
+                   offset: int, length: int) -> PendingCopy:
+        """copy_from, made by COPIER's process while the caller goes on (without one: here,
+        once the caller waits for it). The file is as long
+        at once, and not synced; the caller waits for the copy (`PendingCopy.
+        done`) before anything reads, writes or points at the range, and before the next sync
+        (Qcow2Image's pending links)."""
+        self._catch_up(offset + length)
+        # Reserved by the copier too: a call on the file here would wait for the copy before.
+        reserve = self._to_reserve(offset, length)
+        # As long at once; on disk by the copy itself or, if the caller writes or syncs
+        # first, by the catch-up (never shortened below the copy's end meanwhile).
+        self.extend(offset + length)
+        ticket = -1
+        if copier is not None:
+            ticket = copier.send(source_fd, source_offset, self.fd, offset, length, reserve)
+        elif reserve:
+            reserve_blocks(self.fd, offset, length)
+        return PendingCopy(self, copier, ticket, source_fd, source_offset, offset, length)
 
     def extend(self, size: int) -> None:
         """Make the file at least SIZE bytes long (sparse): at once as far as anyone asks

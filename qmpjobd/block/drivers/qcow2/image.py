@@ -19,21 +19,27 @@ shared cluster). Zero writes set the zero flag where the image has one (version 
 discards drop clusters; both as QEMU's driver and the generic block layer above it do.
 
 Blocking throughout, and thread-safe: the node calls it from worker threads, one request at a
-time per image (a lock).
+time per image (a lock). A job may have copies from another file into new clusters made by a
+copier process while it goes on (defer_copies): each such write's entries are set only once its
+data is in place, and before anything else reads or writes that range, or flushes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import zlib
 from array import array
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Final, Protocol
 
+from . import copier
 from . import header as hdr
+from .copier import Copier
 from .header import Header, Qcow2Error, parse_header
-from .hostfile import HostFile
+from .hostfile import HostFile, PendingCopy
 from .refcount import Refcounts, repair
 from .tables import COMPRESSED, COPIED, OFFSET_MASK, ZERO, Kind, Mapping, Tables, encode
 
@@ -76,6 +82,21 @@ def _part(source: Source, start: int, length: int) -> Source:
     return memoryview(source)[start:start + length]
 
 
+@dataclass(frozen=True, slots=True)
+class _PendingLink:
+    """A write into new clusters whose data a copier process is putting in place: the entries
+    that link them wait for it, so that nothing, in the cache or on disk, points at clusters
+    before their data is there, and a failed copy leaves the range as it was."""
+
+    start: int  # the guest range, whole clusters
+    stop: int
+    l2_offset: int
+    index: int
+    host: int
+    old: list[int]  # the entries it replaces
+    copied: PendingCopy
+
+
 class Qcow2Image:
     """An open image: `read`, `write`, `zero`, `discard`, `status`, `flush`, `close`."""
 
@@ -92,6 +113,13 @@ class Qcow2Image:
         self.writable = writable
         self.lock = threading.RLock()
         self._marked_dirty = False
+        # defer_copies: the copier process, the writes waiting for it in the order made, and
+        # those whose copy failed (guest offset, error), for settle_copies to report.
+        self._deferring = False
+        self._copier: Copier | None = None  # leased from defer_copies to settle_copies
+        self._links: list[_PendingLink] = []
+        self._failed_links: list[tuple[int, OSError]] = []
+        # (A table flushed to make room holds no pending entry: nothing waits for the copies.)
         self.tables.write_back = self._flush_locked
         if writable:
             self._open_for_writing()
@@ -125,6 +153,7 @@ class Qcow2Image:
         """Start or stop writing (a reopen of the node: the file's descriptor has changed to
         the new mode, `self.file.fd`). Stopping writes everything out first."""
         with self.lock:
+            self._settle_all()
             if writable == self.writable:
                 return
             if writable:
@@ -153,6 +182,7 @@ class Qcow2Image:
         caches are let go of (up to 32 MiB of tables: a closed node someone still refers to
         must not keep them)."""
         with self.lock:
+            self._settle_all()
             if self.writable:
                 self._flush_locked()
                 if self._marked_dirty:
@@ -160,12 +190,16 @@ class Qcow2Image:
                     self._marked_dirty = False
             self.tables.drop_cache()
             self.refcounts.drop_cache()
+            if self._copier is not None:
+                copier.give_back(self._copier)
+                self._copier = None
 
     # -- reading ---------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
         """LENGTH bytes of the guest's view at OFFSET (zeroes beyond the virtual size)."""
         with self.lock:
+            self._settle(offset, offset + length)
             return self._read(offset, length)
 
     def _read(self, offset: int, length: int) -> bytes:
@@ -222,6 +256,7 @@ class Qcow2Image:
         its kind, the host offset of its start for normal clusters that follow each other in
         the file, else None)."""
         with self.lock:
+            self._settle(offset, offset + length)
             return self._status(offset, length)
 
     def _status(self, offset: int, length: int) -> tuple[int, Kind, int | None]:
@@ -284,6 +319,7 @@ class Qcow2Image:
         """Write LENGTH bytes at OFFSET from SOURCE (bytes, or a place in another file)."""
         with self.lock:
             self._before_change()
+            self._settle(offset, offset + length)
             self._write(offset, source, length)
 
     def _write(self, offset: int, source: Source, length: int) -> None:
@@ -370,6 +406,10 @@ class Qcow2Image:
         tail = self._read(stop, last - stop) if stop < last else b""
         kept = old[0] & OFFSET_MASK if count == 1 and old[0] & ZERO and old[0] & COPIED else 0
         host = kept or self.refcounts.alloc(count * cluster)
+        if self._deferring and isinstance(source, tuple) and not (head or tail or kept):
+            copied = self.file.copy_later(self._copier, source[0], source[1], host, stop - start)
+            self._links.append(_PendingLink(first, last, l2_offset, index, host, old, copied))
+            return
         if head:
             self._put(host, head, len(head))
         self._put(host + start - first, source, stop - start)
@@ -379,6 +419,70 @@ class Qcow2Image:
                                                    for i in range(count)])
         if not kept:
             for entry in old:
+                if entry:
+                    self._free_entry(entry)
+
+    # -- copies made by a copier process ---------------------------------------------------
+
+    def defer_copies(self) -> None:
+        """From now on, until settle_copies, a write from another file into new clusters
+        (whole ones) returns once the copy is started: a copier process makes it while the
+        caller goes on (a job, to its next request: the kernel's copy and the job's own work
+        overlap)."""
+        with self.lock:
+            if not self.writable:
+                return
+            self._deferring = True
+            if self._copier is None and self.file.log is None:
+                # No process to be had: the copies are made here, when settled. (So they are
+                # with a write log, which records each write as it is made here.)
+                with contextlib.suppress(OSError):
+                    self._copier = copier.lease()
+
+    def settle_copies(self) -> tuple[int, OSError] | None:
+        """Every copy started done and its write finished; writes made whole again. The
+        failed write with the lowest offset, if any: (its offset, the error); the range of
+        each failed one is as it was before."""
+        with self.lock:
+            self._settle_all()
+            self._deferring = False
+            if self._copier is not None:
+                copier.give_back(self._copier)
+                self._copier = None
+            failed, self._failed_links = self._failed_links, []
+        return min(failed, key=lambda failure: failure[0]) if failed else None
+
+    def _settle(self, start: int, end: int) -> None:
+        """Before a request on [START, END): the writes waiting for a copy there finished
+        (and those started before them)."""
+        last = 0
+        for n, link in enumerate(self._links, 1):
+            if link.start < end and start < link.stop:
+                last = n
+        if last:
+            self._finish_links(last)
+
+    def _settle_all(self) -> None:
+        if self._links:
+            self._finish_links(len(self._links))
+
+    def _finish_links(self, count: int) -> None:
+        """The first COUNT waiting writes finished, in order: once its copy is done, each
+        links its clusters and frees what it replaces; one whose copy failed gives its
+        clusters back (nothing points at them) and is remembered for settle_copies."""
+        links, self._links = self._links[:count], self._links[count:]
+        cluster = self.cluster_size
+        for link in links:
+            try:
+                link.copied.done()
+            except OSError as e:
+                self.refcounts.free_later(link.host, link.stop - link.start)
+                self._failed_links.append((link.start, e))
+                continue
+            self.tables.set_entries(link.l2_offset, link.index, [
+                (link.host + i * cluster) | COPIED
+                for i in range((link.stop - link.start) // cluster)])
+            for entry in link.old:
                 if entry:
                     self._free_entry(entry)
 
@@ -404,6 +508,7 @@ class Qcow2Image:
         zeroes."""
         with self.lock:
             self._before_change()
+            self._settle(offset, offset + length)
             cluster = self.cluster_size
             end = offset + length
             aligned_start = min(end, -(-offset // cluster) * cluster)
@@ -490,6 +595,7 @@ class Qcow2Image:
         (version 3) or as the backing file (version 2, which QEMU refuses with one)."""
         with self.lock:
             self._before_change()
+            self._settle(offset, offset + length)
             if self.header.version < 3 and self.backing is not None:
                 return
             cluster = self.cluster_size
@@ -523,6 +629,7 @@ class Qcow2Image:
 
     def flush(self) -> None:
         with self.lock:
+            self._settle_all()
             if self.writable:
                 self._flush_locked()
 
@@ -553,6 +660,7 @@ class Qcow2Image:
     def rewrite_header(self) -> None:
         """Write the whole header cluster from what is known of it."""
         with self.lock:
+            self._settle_all()
             self.file.pwrite(0, self._header_cluster())
             self.file.sync()
             self._header_bytes = self.file.pread(0, self.cluster_size)
@@ -560,6 +668,7 @@ class Qcow2Image:
     def set_size(self, size: int) -> None:
         """The virtual size in the header (the L1 table covers it already)."""
         with self.lock:
+            self._settle_all()
             self.header.size = self.size = size
             self.file.pwrite(_SIZE_AT, size.to_bytes(8, "big"))
             self.file.sync()
@@ -567,6 +676,7 @@ class Qcow2Image:
     def grow(self, size: int) -> None:
         """A larger virtual size: the L1 table grown to cover it (exactly), then the header."""
         with self.lock:
+            self._settle_all()
             self._before_change()
             span = self.tables.l2_entries * self.cluster_size
             self.grow_l1(-(-size // span))
@@ -576,6 +686,7 @@ class Qcow2Image:
         """An L1 table of ENTRIES entries, in new clusters: the tables are written out, then
         the new L1 table, then the header points at it; the old one is freed."""
         with self.lock:
+            self._settle_all()
             header = self.header
             if entries <= header.l1_size:
                 return
@@ -603,6 +714,7 @@ class Qcow2Image:
         """preallocation=metadata: every L2 table and data cluster of [0, SIZE) allocated and
         mapped (the data not written: the file is made long enough, sparse)."""
         with self.lock:
+            self._settle_all()
             cluster = self.cluster_size
             span = self.tables.l2_entries * cluster
             position = 0
@@ -627,6 +739,7 @@ class Qcow2Image:
         the backing format extension, the feature table, the other extensions kept, the end
         marker, then the name. Everything else is written out first."""
         with self.lock:
+            self._settle_all()
             self._before_change()
             self._flush_locked()
             header = self.header

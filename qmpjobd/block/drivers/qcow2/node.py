@@ -160,6 +160,15 @@ class Qcow2Node(Node):
     def write_behind(self, on: bool) -> None:
         self.image.file.write_behind = on
 
+    def defer_copies_sync(self) -> None:
+        self.image.defer_copies()
+
+    def settle_copies_sync(self) -> tuple[int, OSError] | None:
+        try:
+            return self.image.settle_copies()
+        except Qcow2Error as e:
+            raise self._damaged(e) from None
+
     def can_zero_with_unmap(self) -> bool:
         # Version 2 images have no zero clusters: QEMU's qcow2 offers no unmapping zero writes.
         return self.discard and self.image.header.version >= 3

@@ -1,0 +1,156 @@
+"""Copies into new clusters made by the copier process while the writer goes on (a backup's
+trips): they leave what copies made at once leave, a copier that dies has its copies made by
+the writer, a copy that fails leaves its range as it was, and the child does not outlive a
+daemon that died. The image engine is driven directly (blocking calls), as a job's worker
+thread drives it."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmpjobd.block.drivers.qcow2.hostfile import HostFile
+from qmpjobd.block.drivers.qcow2.image import Qcow2Image
+
+from .test_qcow2_write import assert_clean, merged_map, ours, qemu_img
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+
+MiB = 1 << 20
+CLUSTER = 65536
+SIZE = 16 * MiB
+
+
+def copies(rnd: random.Random, source_size: int) -> list[tuple[int, int, int]]:
+    """(guest offset, source offset, length): whole clusters mostly (the deferred kind),
+    some partial (made at once), some over earlier ones, one reaching past the source's end."""
+    made = []
+    for _ in range(60):
+        offset = rnd.randrange(SIZE // CLUSTER) * CLUSTER
+        length = rnd.choice([CLUSTER, 4 * CLUSTER, 16 * CLUSTER, 1000])
+        length = min(length, SIZE - offset)
+        made.append((offset, rnd.randrange(source_size // 512) * 512, length))
+    made.append((SIZE - 2 * CLUSTER, source_size - CLUSTER // 2, 2 * CLUSTER))
+    return made
+
+
+def write_all(path: Path, source: Path, requests: list[tuple[int, int, int]],
+              deferred: bool, kill_after: int | None = None) -> tuple[int, OSError] | None:
+    fd, source_fd = os.open(path, os.O_RDWR), os.open(source, os.O_RDONLY)
+    try:
+        image = Qcow2Image(HostFile(fd), writable=True)
+        if deferred:
+            image.defer_copies()
+        for n, (offset, source_offset, length) in enumerate(requests):
+            if n == kill_after:
+                copier = image._copier
+                assert copier is not None
+                os.kill(copier.pid, signal.SIGKILL)
+            image.write(offset, (source_fd, source_offset), length)
+            if n % 7 == 0:  # a read and a status meanwhile: they wait for the copies there
+                assert image.read(offset, length) == expected(source, source_offset, length)
+                image.status(offset, length)
+        failed = image.settle_copies() if deferred else None
+        image.close()
+        return failed
+    finally:
+        os.close(fd)
+        os.close(source_fd)
+
+
+def expected(source: Path, offset: int, length: int) -> bytes:
+    with source.open("rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    return data + bytes(length - len(data))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_deferred_copies_leave_what_copies_made_at_once_leave(tmp_path: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    source = tmp_path / "source.raw"
+    source.write_bytes(rnd.randbytes(6 * MiB + 512))
+    requests = copies(rnd, 6 * MiB + 512)
+    at_once, deferred = tmp_path / "at-once.qcow2", tmp_path / "deferred.qcow2"
+    for path in (at_once, deferred):
+        ours(path, {"size": SIZE})
+    assert write_all(at_once, source, requests, deferred=False) is None
+    assert write_all(deferred, source, requests, deferred=True) is None
+    assert_clean(deferred)
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(at_once), str(deferred))
+    assert merged_map(deferred) == merged_map(at_once)
+    # The same clusters in the same places, too: the deferred writes allocate as they come.
+    assert (qemu_img("map", "--output=json", str(deferred))
+            == qemu_img("map", "--output=json", str(at_once)))
+
+
+def test_copies_a_copier_left_when_it_died_are_made_by_the_writer(tmp_path: Path) -> None:
+    rnd = random.Random(7)
+    source = tmp_path / "source.raw"
+    source.write_bytes(rnd.randbytes(6 * MiB))
+    requests = copies(rnd, 6 * MiB)
+    at_once, deferred = tmp_path / "at-once.qcow2", tmp_path / "deferred.qcow2"
+    for path in (at_once, deferred):
+        ours(path, {"size": SIZE})
+    write_all(at_once, source, requests, deferred=False)
+    assert write_all(deferred, source, requests, deferred=True, kill_after=20) is None
+    assert_clean(deferred)
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(at_once), str(deferred))
+
+
+def test_a_failed_copy_leaves_its_range_as_it_was(tmp_path: Path) -> None:
+    """A source the child cannot read (opened write-only: EBADF, as the kernel's copy would
+    fail in the writer): settle_copies names the first failed write; nothing points at its
+    clusters, which are free again."""
+    path = tmp_path / "image.qcow2"
+    ours(path, {"size": SIZE})
+    source = tmp_path / "source.raw"
+    source.write_bytes(b"\x11" * MiB)
+    fd, bad = os.open(path, os.O_RDWR), os.open(source, os.O_WRONLY)
+    try:
+        image = Qcow2Image(HostFile(fd), writable=True)
+        image.write(0, b"\x22" * CLUSTER, CLUSTER)
+        image.defer_copies()
+        image.write(4 * CLUSTER, (bad, 0), 2 * CLUSTER)
+        image.write(8 * CLUSTER, (bad, 0), CLUSTER)
+        failed = image.settle_copies()
+        assert failed is not None
+        assert failed[0] == 4 * CLUSTER and isinstance(failed[1], OSError)
+        assert image.read(4 * CLUSTER, 6 * CLUSTER) == bytes(6 * CLUSTER)
+        assert image.read(0, CLUSTER) == b"\x22" * CLUSTER
+        image.close()
+    finally:
+        os.close(fd)
+        os.close(bad)
+    assert_clean(path)
+    assert [e["data"] for e in merged_map(path)] == [True, False]
+
+
+def test_the_copier_goes_when_its_daemon_dies(tmp_path: Path) -> None:
+    """A daemon killed outright: its copier child exits at once (it must not go on writing
+    into images another process may open next)."""
+    script = ("import os, signal\n"
+              "from qmpjobd.block.drivers.qcow2.copier import Copier\n"
+              "print(Copier().pid, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, check=False)
+    assert done.returncode == -signal.SIGKILL
+    pid = int(done.stdout)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone already
+    try:
+        readable, _, _ = select.select([pidfd], [], [], 10)
+        assert readable, "the copier outlived its daemon by 10 s"
+    finally:
+        os.close(pidfd)
