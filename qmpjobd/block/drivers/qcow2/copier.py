@@ -38,8 +38,8 @@ MAX_PENDING: Final = 64
 # Idle children kept for the next job (one starts in about 20 ms).
 MAX_IDLE: Final = 2
 
-# The child, run by `python -I -S -c`: nothing imported but the standard library's core, so
-# that it starts in milliseconds.
+# The child, read by `python -I -S -` from its standard input (`ps` shows "- qmpjobd-copier
+# FD"): nothing imported but the standard library's core, so that it starts in milliseconds.
 _CHILD: Final = r"""
 import ctypes, ctypes.util, os, signal, socket, struct, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -47,7 +47,7 @@ REQUEST, ANSWER, PIECE = struct.Struct("=QqqQ?"), struct.Struct("=QQ"), 8 << 20
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 parent = os.getppid()
-sock = socket.socket(fileno=int(sys.argv[1]))
+sock = socket.socket(fileno=int(sys.argv[2]))
 while True:
     try:
         message, fds, _, _ = socket.recv_fds(sock, REQUEST.size, 2)
@@ -92,9 +92,12 @@ class Copier:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                [sys.executable, "-I", "-S", "-", "qmpjobd-copier", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            assert self._child.stdin is not None
+            with self._child.stdin as program:
+                program.write(_CHILD.encode())
         except BaseException:
             ours.close()
             raise
