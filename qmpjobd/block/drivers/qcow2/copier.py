@@ -39,22 +39,32 @@ MAX_PENDING: Final = 64
 MAX_IDLE: Final = 2
 
 # The child, read by `python -I -S -` from its standard input (`ps` shows "- qmpjobd-copier
-# FD"): nothing imported but the standard library's core, so that it starts in milliseconds.
+# FD"): nothing imported but C modules and ctypes (not socket.py, which brings enum and
+# selectors; not ctypes.util, which runs ldconfig), so that it starts in about 20 ms.
 _CHILD: Final = r"""
-import ctypes, ctypes.util, os, signal, socket, struct, sys
+import _socket, array, ctypes, os, signal, struct, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 REQUEST, ANSWER, PIECE = struct.Struct("=QqqQ?"), struct.Struct("=QQ"), 8 << 20
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+try:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 parent = os.getppid()
-sock = socket.socket(fileno=int(sys.argv[2]))
+sock = _socket.socket(fileno=int(sys.argv[2]))
+room = _socket.CMSG_SPACE(2 * array.array("i").itemsize)
 while True:
     try:
-        message, fds, _, _ = socket.recv_fds(sock, REQUEST.size, 2)
+        message, ancillary, _, _ = sock.recvmsg(REQUEST.size, room)
     except OSError:
         break
     if not message:
         break
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
     ticket, source_offset, offset, length, reserve = REQUEST.unpack(message)
     copied = 0
     try:
@@ -79,7 +89,6 @@ while True:
     except OSError:
         break
 """
-
 class CopierDied(OSError):
     pass
 
