@@ -131,7 +131,7 @@ class BackupJob(BlockJob):
         TRIP_NS have passed (a pause or cancel waits no longer than that). A stretch that
         reads as zeroes is one step (a sparse image's zeroes are written in whole L2 tables'
         worth at once, so that the job's time goes with its data, not its size). The target
-        may make the copies in a thread of its own meanwhile (defer_copies_sync): all are
+        may make the copies in a process of its own meanwhile (defer_copies_sync): all are
         done before the trip ends, and a failed one counts as its step's failure."""
         start = offset
         deadline = time.monotonic_ns() + TRIP_NS
