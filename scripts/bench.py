@@ -36,7 +36,9 @@
     scripts/bench.py qcow2      qcow2 jobs on 1 GiB images (stream, active commit, backup and
                                 mirror into qcow2), MB/s side by side with the monitor's p99
                                 latency meanwhile; a 1 TiB image holding 1 GiB backed up against
-                                a dense 1 GiB one, with the daemon's RSS (scripts/bench_qcow2.py)
+                                a dense 1 GiB one, with the daemon's RSS (scripts/bench_qcow2.py;
+                                --provisioned: on an ext4 whose blocks are all backed, for a
+                                thin-provisioned disk)
     scripts/bench.py mirror-sparse
                                 blockdev-mirror of a 512 MiB raw file holding 5 MiB: time to
                                 READY
@@ -900,6 +902,9 @@ def main() -> None:
     parser.add_argument("--dir", help="for copy, sparse, busy, qcow2, mirror-sparse: where the "
                         "image files go "
                         "(default: a fresh directory under /var/tmp, removed at the end)")
+    parser.add_argument("--provisioned", action="store_true",
+                        help="for qcow2, mirror-sparse: the images on a fresh ext4 over a loop "
+                        "device whose blocks were all written once (root; bench_qcow2.py)")
     args = parser.parse_args()
     if args.what == "protocol":
         bench_protocol()
@@ -916,7 +921,8 @@ def main() -> None:
     elif args.what in ("qcow2", "mirror-sparse"):
         # Its own script (which builds on this one's daemons and clients): run, not imported.
         done = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_qcow2.py")),
-                               args.what, *(["--dir", args.dir] if args.dir else [])])
+                               args.what, *(["--dir", args.dir] if args.dir else []),
+                               *(["--provisioned"] if args.provisioned else [])])
         sys.exit(done.returncode)
     else:
         bench_busy(args.dir)
