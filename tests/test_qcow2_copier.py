@@ -6,6 +6,7 @@ thread drives it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import select
@@ -154,3 +155,45 @@ def test_the_copier_goes_when_its_daemon_dies(tmp_path: Path) -> None:
         assert readable, "the copier outlived its daemon by 10 s"
     finally:
         os.close(pidfd)
+
+
+def test_writes_waiting_for_a_copy_are_linked_after_a_failed_try(tmp_path: Path) -> None:
+    """Linking a finished copy may fail (here: the flush that makes room in a cache of two
+    tables gets EIO). The request that asked fails; the writes still waiting stay queued and
+    are linked at the next try, none forgotten (review of d5a0f2a: they were dropped, and read
+    back as zeroes)."""
+    span = 512 * MiB  # one L2 table's range
+    path, source = tmp_path / "image.qcow2", tmp_path / "source.raw"
+    ours(path, {"size": 4 * span})
+    source.write_bytes(b"\x55" * CLUSTER)
+    fd, source_fd = os.open(path, os.O_RDWR), os.open(source, os.O_RDONLY)
+    try:
+        image = Qcow2Image(HostFile(fd), writable=True)
+        for table in range(3):
+            image.write(table * span, b"\x01" * CLUSTER, CLUSTER)
+        image.flush()
+        image.tables._cache.clear()
+        image.tables._cache_tables = 2
+        flush = image._flush_locked
+        failures = [OSError(errno.EIO, "injected")]
+
+        def write_back() -> None:
+            if failures:
+                raise failures.pop()
+            flush()
+
+        image.tables.write_back = write_back
+        image.defer_copies()
+        for table in (0, 1, 2):
+            image.write(table * span + 8 * CLUSTER, (source_fd, 0), CLUSTER)
+        image.write(16 * CLUSTER, (source_fd, 0), CLUSTER)
+        with pytest.raises(OSError):
+            image.write(16 * CLUSTER, b"\x02" * CLUSTER, CLUSTER)
+        assert image.settle_copies() is None
+        for table in (0, 1, 2):
+            assert image.read(table * span + 8 * CLUSTER, CLUSTER) == b"\x55" * CLUSTER
+        image.close()
+    finally:
+        os.close(fd)
+        os.close(source_fd)
+    assert_clean(path)

@@ -22,6 +22,7 @@ every piece of at most 8 MiB). If it dies, the parent makes the copies it left u
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import subprocess
@@ -39,7 +40,7 @@ MAX_PENDING: Final = 64
 MAX_IDLE: Final = 2
 
 # The child, read by `python -I -S -` from its standard input (`ps` shows "- qmpjobd-copier
-# FD"): nothing imported but C modules and ctypes (not socket.py, which brings enum and
+# FD PARENT"): nothing imported but C modules and ctypes (not socket.py, which brings enum and
 # selectors; not ctypes.util, which runs ldconfig), so that it starts in about 20 ms.
 _CHILD: Final = r"""
 import _socket, array, ctypes, os, signal, struct, sys
@@ -51,7 +52,7 @@ except OSError:
     import ctypes.util
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-parent = os.getppid()
+parent = int(sys.argv[3])  # (os.getppid() here would be too late: the parent may be gone)
 sock = _socket.socket(fileno=int(sys.argv[2]))
 room = _socket.CMSG_SPACE(2 * array.array("i").itemsize)
 while True:
@@ -99,19 +100,25 @@ class Copier:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child = None
         try:
-            self._child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-", "qmpjobd-copier", str(theirs.fileno())],
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-", "qmpjobd-copier", str(theirs.fileno()),
+                 str(os.getpid())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            assert self._child.stdin is not None
-            with self._child.stdin as program:
+            assert child.stdin is not None
+            with child.stdin as program:
                 program.write(_CHILD.encode())
         except BaseException:
             ours.close()
+            if child is not None:
+                child.kill()
+                child.wait()
             raise
         finally:
             theirs.close()
+        self._child = child
         self._sock = ours
         self._next = 0
         self._answers: dict[int, int] = {}
@@ -159,8 +166,11 @@ class Copier:
         self._answers[ticket] = copied
 
     def _died(self) -> None:
-        # Copies not answered are the caller's to make (`result` raises CopierDied).
+        # Copies not answered are the caller's to make (`result` raises CopierDied): the
+        # child, if it still runs, must not make any of them meanwhile.
         self._dead = True
+        self._child.kill()
+        self._child.wait()
 
     @property
     def alive(self) -> bool:

@@ -105,19 +105,24 @@ def copy_data(source_fd: int, source_offset: int, fd: int, offset: int, length: 
 class PendingCopy:
     """A copy into FILE started by HostFile.copy_later. `done` waits for the copier process to
     make it and makes by hand what the kernel left (after an error, or past the source's end:
-    zeroes); all of it if there is no copier, or it died. OSError if that fails. The file
-    counts the bytes as written (for its write-behind) once they are: a writeback started on
-    pages the child is filling would wait for it."""
+    zeroes); all of it if there is no copier, or it died. OSError if that fails. Once done,
+    `done` returns at once. The file counts the bytes as written (for its write-behind) once
+    they are: a writeback started on pages the child is filling would wait for it. The source
+    is held by a descriptor of its own until then (its node may be reopened meanwhile)."""
 
     def __init__(self, file: HostFile, copier: Copier | None, ticket: int, source_fd: int,
                  source_offset: int, offset: int, length: int) -> None:
         self._file = file
         self._copier = copier
         self._ticket = ticket
-        self._at = (source_fd, source_offset, offset, length)
+        self._source = os.dup(source_fd)
+        self._at = (source_offset, offset, length)
+        self._done = False
 
     def done(self) -> None:
-        source_fd, source_offset, offset, length = self._at
+        if self._done:
+            return
+        source_offset, offset, length = self._at
         file = self._file
         copied = 0
         try:
@@ -127,9 +132,11 @@ class PendingCopy:
             pass  # whatever it made of this copy, made again here
         try:
             if copied < length:
-                copy_data(source_fd, source_offset + copied, file.fd, offset + copied,
+                copy_data(self._source, source_offset + copied, file.fd, offset + copied,
                           length - copied, file.log, by_hand=bool(copied))
         finally:
+            self._done = True
+            os.close(self._source)
             file._wrote(offset, length)
 
 

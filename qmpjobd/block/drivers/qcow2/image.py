@@ -444,11 +444,17 @@ class Qcow2Image:
         failed write with the lowest offset, if any: (its offset, the error); the range of
         each failed one is as it was before."""
         with self.lock:
-            self._settle_all()
-            self._deferring = False
-            if self._copier is not None:
-                copier.give_back(self._copier)
-                self._copier = None
+            try:
+                self._settle_all()
+            except OSError as e:
+                # The first write not linked fails (the job copies it again, as its policy
+                # says); it stays queued, to be linked before anything touches its range.
+                self._failed_links.append((self._links[0].start, e))
+            finally:
+                self._deferring = False
+                if self._copier is not None and not self._links:
+                    copier.give_back(self._copier)
+                    self._copier = None
             failed, self._failed_links = self._failed_links, []
         return min(failed, key=lambda failure: failure[0]) if failed else None
 
@@ -469,19 +475,24 @@ class Qcow2Image:
     def _finish_links(self, count: int) -> None:
         """The first COUNT waiting writes finished, in order: once its copy is done, each
         links its clusters and frees what it replaces; one whose copy failed gives its
-        clusters back (nothing points at them) and is remembered for settle_copies."""
-        links, self._links = self._links[:count], self._links[count:]
+        clusters back (nothing points at them) and is remembered for settle_copies. A write
+        leaves the queue only once finished: if linking fails (a table that cannot be read
+        back, a flush to make room that fails), it and those after it wait for the next
+        try, and the error goes to the caller."""
         cluster = self.cluster_size
-        for link in links:
+        for _ in range(count):
+            link = self._links[0]
             try:
                 link.copied.done()
             except OSError as e:
+                del self._links[0]
                 self.refcounts.free_later(link.host, link.stop - link.start)
                 self._failed_links.append((link.start, e))
                 continue
             self.tables.set_entries(link.l2_offset, link.index, [
                 (link.host + i * cluster) | COPIED
                 for i in range((link.stop - link.start) // cluster)])
+            del self._links[0]
             for entry in link.old:
                 if entry:
                     self._free_entry(entry)
