@@ -91,7 +91,7 @@ while True:
         break
 """
 class CopierDied(OSError):
-    pass
+    """The child died (or its socket failed) before it answered: the copy is the caller's."""
 
 
 class Copier:

@@ -263,10 +263,9 @@ class HostFile:
     def copy_later(self, copier: Copier | None, source_fd: int, source_offset: int,
                    offset: int, length: int) -> PendingCopy:
         """copy_from, made by COPIER's process while the caller goes on (without one: here,
-        once the caller waits for it). The file is as long
-        at once, and not synced; the caller waits for the copy (`PendingCopy.
-        done`) before anything reads, writes or points at the range, and before the next sync
-        (Qcow2Image's pending links)."""
+        once the caller waits for it). The file is as long at once, and not synced; the
+        caller waits for the copy (`PendingCopy.done`) before anything reads, writes or points
+        at the range, and before the next sync (Qcow2Image's pending links)."""
         self._catch_up(offset + length)
         # Reserved by the copier too: a call on the file here would wait for the copy before.
         reserve = self._to_reserve(offset, length)
