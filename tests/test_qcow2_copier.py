@@ -7,6 +7,7 @@ thread drives it."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import select
@@ -15,12 +16,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qmpjobd.block.drivers.qcow2.hostfile import HostFile
 from qmpjobd.block.drivers.qcow2.image import Qcow2Image
 
+from .conftest import missing
+from .daemons import QmpConnection, start_qmpjobd
 from .test_qcow2_write import assert_clean, merged_map, ours, qemu_img
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
@@ -197,3 +201,72 @@ def test_writes_waiting_for_a_copy_are_linked_after_a_failed_try(tmp_path: Path)
         os.close(fd)
         os.close(source_fd)
     assert_clean(path)
+
+
+# -- through a job -------------------------------------------------------------------------------
+
+
+def _until(conn: QmpConnection, job: str, status: str) -> list[dict[str, Any]]:
+    """Events until job JOB's status is STATUS (those seen so far, and kept)."""
+    seen = 0
+    while True:
+        for event in conn.events[seen:]:
+            data = event.get("data", {})
+            if event["event"] == "JOB_STATUS_CHANGE" and data == {"id": job, "status": status}:
+                return conn.events
+        seen = len(conn.events)
+        conn.events.append(conn.receive(timeout=60))
+
+
+@pytest.mark.parametrize("kind", ["blockdev-backup", "blockdev-mirror"])
+def test_a_target_that_refuses_the_copies_stops_the_job_until_it_takes_them(
+        tmp_path: Path, kind: str) -> None:
+    """The copies into new clusters fail in the copier (the target made immutable once open:
+    EPERM): the job stops at the first with on-target-error=stop, as after any failed write
+    (BLOCK_JOB_ERROR write/stop); once the target takes writes again, job-resume copies what
+    failed, and the target holds the source."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        missing("making a file immutable needs root and chattr")
+    source, target = tmp_path / "source.qcow2", tmp_path / "target.qcow2"
+    raw = tmp_path / "source.raw"
+    raw.write_bytes(random.Random(3).randbytes(8 * MiB))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(source))
+    qemu_img("create", "-q", "-f", "qcow2", str(target), str(8 * MiB))
+    with start_qmpjobd(tmp_path) as daemon, daemon.connect() as conn:
+        for name, path in (("src", source), ("tgt", target)):
+            reply = conn.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": name,
+                "file": {"driver": "file", "filename": str(path)}})
+            assert reply == {"return": {}}, reply
+        subprocess.run(["chattr", "+i", str(target)], check=True)
+        try:
+            reply = conn.execute(kind, {"job-id": "j", "device": "src", "target": "tgt",
+                                        "sync": "full", "on-target-error": "stop"})
+            assert reply == {"return": {}}, reply
+            events = _until(conn, "j", "paused")
+            errors = [e["data"] for e in events if e["event"] == "BLOCK_JOB_ERROR"]
+            assert errors and errors[0] == {"device": "j", "operation": "write",
+                                            "action": "stop"}
+            jobs = conn.execute("query-block-jobs")["return"]
+            assert jobs[0]["io-status"] == "failed" and jobs[0]["paused"]
+        finally:
+            subprocess.run(["chattr", "-i", str(target)], check=True)
+        assert conn.execute("job-resume", {"id": "j"}) == {"return": {}}
+        if kind == "blockdev-mirror":
+            _until(conn, "j", "ready")
+            assert conn.execute("job-complete", {"id": "j"}) == {"return": {}}
+        events = _until(conn, "j", "null")
+        done = [e["data"] for e in events if e["event"] == "BLOCK_JOB_COMPLETED"]
+        assert len(done) == 1 and "error" not in done[0], done
+        for name in ("src", "tgt"):
+            assert conn.execute("blockdev-del", {"node-name": name}) == {"return": {}}
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(source), str(target))
+    check_leaks_only(target)
+
+
+def check_leaks_only(path: Path) -> None:
+    """qemu-img check finds no corruption in PATH (leaked clusters allowed)."""
+    done = subprocess.run(["qemu-img", "check", "--output=json", str(path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode in (0, 3), done.stdout + done.stderr
+    assert json.loads(done.stdout).get("corruptions", 0) == 0, done.stdout
