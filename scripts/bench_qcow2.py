@@ -431,12 +431,12 @@ def provisioned() -> Iterator[str]:
             os.fdatasync(f.fileno())
         loop = subprocess.run(["losetup", "--direct-io=on", "--find", "--show", backing],
                               check=True, capture_output=True, text=True).stdout.strip()
-        undo.callback(subprocess.run, ["losetup", "--detach", loop], check=True)
+        undo.callback(sh, "losetup", "--detach", loop)
         sh("mkfs.ext4", "-q", "-E", "nodiscard", loop)
         mountpoint = os.path.join(top, "mnt")
         os.mkdir(mountpoint)
         sh("mount", "-o", "nodiscard", loop, mountpoint)
-        undo.callback(subprocess.run, ["umount", mountpoint], check=True)
+        undo.callback(sh, "umount", mountpoint)
         yield mountpoint
 
 

@@ -267,16 +267,16 @@ class HostFile:
         caller waits for the copy (`PendingCopy.done`) before anything reads, writes or points
         at the range, and before the next sync (Qcow2Image's pending links)."""
         self._catch_up(offset + length)
-        # Reserved by the copier too: a call on the file here would wait for the copy before.
-        reserve = self._to_reserve(offset, length)
+        ticket = -1
+        if copier is None:
+            self._reserve(offset, length)
+        else:
+            # Reserved by the copier: a call on the file here would wait for its copy first.
+            ticket = copier.send(source_fd, source_offset, self.fd, offset, length,
+                                 self._to_reserve(offset, length))
         # As long at once; on disk by the copy itself or, if the caller writes or syncs
         # first, by the catch-up (never shortened below the copy's end meanwhile).
         self.extend(offset + length)
-        ticket = -1
-        if copier is not None:
-            ticket = copier.send(source_fd, source_offset, self.fd, offset, length, reserve)
-        elif reserve:
-            reserve_blocks(self.fd, offset, length)
         return PendingCopy(self, copier, ticket, source_fd, source_offset, offset, length)
 
     def extend(self, size: int) -> None:

@@ -415,12 +415,23 @@ class Qcow2Image:
         self._put(host + start - first, source, stop - start)
         if tail:
             self._put(host + stop - first, tail, len(tail))
+        self._link(l2_offset, index, host, count)
+        if not kept:
+            self._free_entries(old)
+
+    def _link(self, l2_offset: int, index: int, host: int, count: int) -> None:
+        """Entries INDEX.. of the table at L2_OFFSET point at COUNT clusters from HOST (their
+        data in place)."""
+        cluster = self.cluster_size
         self.tables.set_entries(l2_offset, index, [(host + i * cluster) | COPIED
                                                    for i in range(count)])
-        if not kept:
-            for entry in old:
-                if entry:
-                    self._free_entry(entry)
+
+    def _free_entries(self, entries: list[int]) -> None:
+        """The clusters ENTRIES held (those that held any), freed once their replacements
+        are on disk."""
+        for entry in entries:
+            if entry:
+                self._free_entry(entry)
 
     # -- copies made by a copier process ---------------------------------------------------
 
@@ -479,7 +490,6 @@ class Qcow2Image:
         leaves the queue only once finished: if linking fails (a table that cannot be read
         back, a flush to make room that fails), it and those after it wait for the next
         try, and the error goes to the caller."""
-        cluster = self.cluster_size
         for _ in range(count):
             link = self._links[0]
             try:
@@ -489,13 +499,10 @@ class Qcow2Image:
                 self.refcounts.free_later(link.host, link.stop - link.start)
                 self._failed_links.append((link.start, e))
                 continue
-            self.tables.set_entries(link.l2_offset, link.index, [
-                (link.host + i * cluster) | COPIED
-                for i in range((link.stop - link.start) // cluster)])
+            self._link(link.l2_offset, link.index, link.host,
+                       (link.stop - link.start) // self.cluster_size)
             del self._links[0]
-            for entry in link.old:
-                if entry:
-                    self._free_entry(entry)
+            self._free_entries(link.old)
 
     def _free_entry(self, entry: int) -> None:
         """The clusters ENTRY held, freed once its replacement is on disk."""
