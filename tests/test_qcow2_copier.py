@@ -1,8 +1,8 @@
-"""Copies into new clusters made by the copier process while the writer goes on (a backup's
-trips): they leave what copies made at once leave, a copier that dies has its copies made by
-the writer, a copy that fails leaves its range as it was, and the child does not outlive a
-daemon that died. The image engine is driven directly (blocking calls), as a job's worker
-thread drives it."""
+"""Copies made by the copier process while the writer goes on (a backup's trips): they leave
+what copies made at once leave, a copier that dies has its copies made by the writer, a copy
+into new clusters that fails leaves its range as it was (one in place, its clusters), and the
+child does not outlive a daemon that died. The image engine is driven directly (blocking
+calls), as a job's worker thread drives it."""
 
 from __future__ import annotations
 
@@ -135,6 +135,36 @@ def test_a_failed_copy_leaves_its_range_as_it_was(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         os.close(bad)
+    assert_clean(path)
+    assert [e["data"] for e in merged_map(path)] == [True, False]
+
+
+def test_a_failed_copy_in_place_keeps_its_clusters(tmp_path: Path) -> None:
+    """A copy over clusters the image holds fails: settle_copies names it, and the clusters
+    stay the image's (only new ones are given back); a deferred copy in place after it is
+    made."""
+    path = tmp_path / "image.qcow2"
+    ours(path, {"size": SIZE})
+    source = tmp_path / "source.raw"
+    source.write_bytes(b"\x11" * MiB)
+    fd, bad, good = (os.open(path, os.O_RDWR), os.open(source, os.O_WRONLY),
+                     os.open(source, os.O_RDONLY))
+    try:
+        image = Qcow2Image(HostFile(fd), writable=True)
+        image.write(0, b"\x22" * (8 * CLUSTER), 8 * CLUSTER)
+        image.defer_copies()
+        image.write(2 * CLUSTER, (bad, 0), 2 * CLUSTER)
+        image.write(6 * CLUSTER, (good, 0), CLUSTER)
+        assert len(image._pending) == 2  # both deferred: in place while deferring
+        failed = image.settle_copies()
+        assert failed is not None
+        assert failed[0] == 2 * CLUSTER and isinstance(failed[1], OSError)
+        assert image.read(6 * CLUSTER, CLUSTER) == b"\x11" * CLUSTER
+        assert image.read(0, 2 * CLUSTER) == b"\x22" * (2 * CLUSTER)
+        image.close()
+    finally:
+        for descriptor in (fd, bad, good):
+            os.close(descriptor)
     assert_clean(path)
     assert [e["data"] for e in merged_map(path)] == [True, False]
 

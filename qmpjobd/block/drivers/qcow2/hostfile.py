@@ -265,7 +265,7 @@ class HostFile:
         """copy_from, made by COPIER's process while the caller goes on (without one: here,
         once the caller waits for it). The file is as long at once, and not synced; the
         caller waits for the copy (`PendingCopy.done`) before anything reads, writes or points
-        at the range, and before the next sync (Qcow2Image's pending links)."""
+        at the range, and before the next sync (Qcow2Image's pending writes)."""
         self._catch_up(offset + length)
         ticket = -1
         if copier is None:

@@ -19,9 +19,10 @@ shared cluster). Zero writes set the zero flag where the image has one (version 
 discards drop clusters; both as QEMU's driver and the generic block layer above it do.
 
 Blocking throughout, and thread-safe: the node calls it from worker threads, one request at a
-time per image (a lock). A job may have copies from another file into new clusters made by a
-copier process while it goes on (defer_copies): each such write's entries are set only once its
-data is in place, and before anything else reads or writes that range, or flushes.
+time per image (a lock). A job may have its copies from another file made by a copier process
+while it goes on (defer_copies): a write into new clusters has its entries set only once its
+data is in place, and every such write is finished before anything else reads or writes its
+range, or flushes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import struct
 import threading
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -83,18 +84,21 @@ def _part(source: Source, start: int, length: int) -> Source:
 
 
 @dataclass(frozen=True, slots=True)
-class _PendingLink:
-    """A write into new clusters whose data a copier process is putting in place: the entries
-    that link them wait for it, so that nothing, in the cache or on disk, points at clusters
-    before their data is there, and a failed copy leaves the range as it was."""
+class _PendingWrite:
+    """A write whose data a copier process is putting in place. Into new clusters (NEW): the
+    entries that link them wait for it, so that nothing, in the cache or on disk, points at
+    clusters before their data is there, and a failed copy leaves the range as it was. Over
+    the image's own clusters: nothing to link, but it is waited for all the same, and a failed
+    one leaves the range undefined, as any failed write does."""
 
-    start: int  # the guest range, whole clusters
+    start: int  # the guest range (whole clusters when NEW)
     stop: int
-    l2_offset: int
-    index: int
     host: int
-    old: list[int]  # the entries it replaces
     copied: PendingCopy
+    new: bool = False
+    l2_offset: int = 0  # where NEW clusters are linked, and the entries they replace
+    index: int = 0
+    old: tuple[int, ...] = ()
 
 
 class Qcow2Image:
@@ -117,8 +121,8 @@ class Qcow2Image:
         # those whose copy failed (guest offset, error), for settle_copies to report.
         self._deferring = False
         self._copier: Copier | None = None  # leased from defer_copies to settle_copies
-        self._links: list[_PendingLink] = []
-        self._failed_links: list[tuple[int, OSError]] = []
+        self._pending: list[_PendingWrite] = []
+        self._failed_writes: list[tuple[int, OSError]] = []
         # (A table flushed to make room holds no pending entry: nothing waits for the copies.)
         self.tables.write_back = self._flush_locked
         if writable:
@@ -338,8 +342,17 @@ class Qcow2Image:
                         position - position % cluster)):
                     stop += cluster
                 stop = min(stop, span_end)
-                self._put(host + position % cluster, _part(source, position - offset,
-                                                           stop - position), stop - position)
+                part = _part(source, position - offset, stop - position)
+                if self._deferring and isinstance(part, tuple):
+                    # The copier makes this one too. The kernel lets one writer into a file
+                    # at a time: two (the copier, and this thread copying in place) spun on
+                    # its lock for each other, and an active commit, half of whose copies are
+                    # in place, took 3-4 times as long in one run out of three.
+                    copied = self.file.copy_later(self._copier, part[0], part[1],
+                                                  host + position % cluster, stop - position)
+                    self._pending.append(_PendingWrite(position, stop, host, copied))
+                else:
+                    self._put(host + position % cluster, part, stop - position)
                 position = stop
                 continue
             # A run of clusters that need new ones (or their kept zero cluster).
@@ -408,7 +421,8 @@ class Qcow2Image:
         host = kept or self.refcounts.alloc(count * cluster)
         if self._deferring and isinstance(source, tuple) and not (head or tail or kept):
             copied = self.file.copy_later(self._copier, source[0], source[1], host, stop - start)
-            self._links.append(_PendingLink(first, last, l2_offset, index, host, old, copied))
+            self._pending.append(_PendingWrite(first, last, host, copied, True, l2_offset,
+                                               index, tuple(old)))
             return
         if head:
             self._put(host, head, len(head))
@@ -426,7 +440,7 @@ class Qcow2Image:
         self.tables.set_entries(l2_offset, index, [(host + i * cluster) | COPIED
                                                    for i in range(count)])
 
-    def _free_entries(self, entries: list[int]) -> None:
+    def _free_entries(self, entries: Iterable[int]) -> None:
         """The clusters ENTRIES held (those that held any), freed once their replacements
         are on disk."""
         for entry in entries:
@@ -437,9 +451,9 @@ class Qcow2Image:
 
     def defer_copies(self) -> None:
         """From now on, until settle_copies, a write from another file into new clusters
-        (whole ones) returns once the copy is started: a copier process makes it while the
-        caller goes on (a job, to its next request: the kernel's copy and the job's own work
-        overlap)."""
+        (whole ones) or in place returns once the copy is started: a copier process makes it
+        while the caller goes on (a job, to its next request: the kernel's copy and the job's
+        own work overlap)."""
         with self.lock:
             if not self.writable:
                 return
@@ -453,56 +467,59 @@ class Qcow2Image:
     def settle_copies(self) -> tuple[int, OSError] | None:
         """Every copy started done and its write finished; writes made whole again. The
         failed write with the lowest offset, if any: (its offset, the error); the range of
-        each failed one is as it was before."""
+        each failed one into new clusters is as it was before (of one in place: undefined, as
+        after any failed write)."""
         with self.lock:
             try:
                 self._settle_all()
             except OSError as e:
                 # The first write not linked fails (the job copies it again, as its policy
                 # says); it stays queued, to be linked before anything touches its range.
-                self._failed_links.append((self._links[0].start, e))
+                self._failed_writes.append((self._pending[0].start, e))
             finally:
                 self._deferring = False
-                if self._copier is not None and not self._links:
+                if self._copier is not None and not self._pending:
                     copier.give_back(self._copier)
                     self._copier = None
-            failed, self._failed_links = self._failed_links, []
+            failed, self._failed_writes = self._failed_writes, []
         return min(failed, key=lambda failure: failure[0]) if failed else None
 
     def _settle(self, start: int, end: int) -> None:
         """Before a request on [START, END): the writes waiting for a copy there finished
         (and those started before them)."""
         last = 0
-        for n, link in enumerate(self._links, 1):
-            if link.start < end and start < link.stop:
+        for n, write in enumerate(self._pending, 1):
+            if write.start < end and start < write.stop:
                 last = n
         if last:
-            self._finish_links(last)
+            self._finish_writes(last)
 
     def _settle_all(self) -> None:
-        if self._links:
-            self._finish_links(len(self._links))
+        if self._pending:
+            self._finish_writes(len(self._pending))
 
-    def _finish_links(self, count: int) -> None:
+    def _finish_writes(self, count: int) -> None:
         """The first COUNT waiting writes finished, in order: once its copy is done, each
-        links its clusters and frees what it replaces; one whose copy failed gives its
-        clusters back (nothing points at them) and is remembered for settle_copies. A write
-        leaves the queue only once finished: if linking fails (a table that cannot be read
-        back, a flush to make room that fails), it and those after it wait for the next
+        into new clusters links them and frees what it replaces; one whose copy failed gives
+        its new clusters back (nothing points at them) and is remembered for settle_copies. A
+        write leaves the queue only once finished: if linking fails (a table that cannot be
+        read back, a flush to make room that fails), it and those after it wait for the next
         try, and the error goes to the caller."""
         for _ in range(count):
-            link = self._links[0]
+            write = self._pending[0]
             try:
-                link.copied.done()
+                write.copied.done()
             except OSError as e:
-                del self._links[0]
-                self.refcounts.free_later(link.host, link.stop - link.start)
-                self._failed_links.append((link.start, e))
+                del self._pending[0]
+                if write.new:
+                    self.refcounts.free_later(write.host, write.stop - write.start)
+                self._failed_writes.append((write.start, e))
                 continue
-            self._link(link.l2_offset, link.index, link.host,
-                       (link.stop - link.start) // self.cluster_size)
-            del self._links[0]
-            self._free_entries(link.old)
+            if write.new:
+                self._link(write.l2_offset, write.index, write.host,
+                           (write.stop - write.start) // self.cluster_size)
+            del self._pending[0]
+            self._free_entries(write.old)
 
     def _free_entry(self, entry: int) -> None:
         """The clusters ENTRY held, freed once its replacement is on disk."""
