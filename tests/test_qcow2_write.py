@@ -392,3 +392,66 @@ def test_reserved_blocks_are_allocated_zeroes_and_leave_the_length(tmp_path: Pat
         assert os.fstat(fd).st_blocks == after.st_blocks  # written where it was reserved
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("bits", [1, 8, 16, 64])
+def test_new_clusters_go_in_the_first_free_run_as_qemus_do(tmp_path: Path, bits: int) -> None:
+    """Holes of 1 to 5 clusters among counted ones (written, then some discarded by qemu-io):
+    writes of runs of clusters land where qemu-io puts them, host offsets and all (first fit
+    from the start of the file; entries of whole bytes are scanned a stretch at a time)."""
+    cluster = 4096
+    mine, reference = tmp_path / "o.qcow2", tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster},refcount_bits={bits}",
+             str(mine), "4M")
+    argv = ["qemu-io", "-f", "qcow2", "-c", f"write -P 1 0 {400 * cluster}"]
+    offset = 0
+    for hole in [1, 2, 1, 3, 5, 2, 4, 1, 3] * 4:
+        offset += 7 * cluster
+        argv += ["-c", f"discard {offset} {hole * cluster}"]
+        offset += hole * cluster
+    subprocess.run([*argv, str(mine)], check=True, capture_output=True)
+    shutil.copy(mine, reference)
+    runs = [3, 1, 2, 5, 4, 1, 1, 6, 2]
+    writes = [(600 * cluster + 40 * cluster * n, run * cluster) for n, run in enumerate(runs)]
+    fd, image = open_image(mine, writable=True)
+    try:
+        for offset, length in writes:
+            image.write(offset, b"\x02" * length, length)
+        image.close()
+    finally:
+        os.close(fd)
+    subprocess.run(["qemu-io", "-f", "qcow2"]
+                   + [arg for offset, length in writes
+                      for arg in ("-c", f"write -P 2 {offset} {length}")]
+                   + [str(reference)], check=True, capture_output=True)
+    assert_clean(mine)
+    assert (qemu_img("map", "--output=json", str(mine))
+            == qemu_img("map", "--output=json", str(reference)))
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_the_free_run_scan_finds_what_an_entry_by_entry_scan_finds(tmp_path: Path,
+                                                                     bits: int) -> None:
+    """Random refcount blocks, counts whose low bytes are zero among them (256: a zero byte
+    that is not an entry's start): the stretch-at-a-time scan stops where one entry at a
+    time does, with the same run."""
+    path = tmp_path / "i.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size=512,refcount_bits={bits}",
+             str(path), "1M")
+    fd, image = open_image(path)
+    try:
+        refcounts = image.refcounts
+        width, entries = bits // 8, refcounts.block_entries
+        rnd = random.Random(bits)
+        for _ in range(300):
+            values = [rnd.choice([0, 0, 0, 1, 256, 1 << (bits - 8)]) for _ in range(entries)]
+            block = bytearray(b"".join(v.to_bytes(width, "big") for v in values))
+            index, n, found = rnd.randrange(entries), rnd.randrange(1, 6), rnd.randrange(0, 2)
+            expected_found, at = found, index
+            while at < entries and expected_found < n:
+                expected_found = expected_found + 1 if values[at] == 0 else 0
+                at += 1
+            assert refcounts._free_run(block, index, n, found) == (expected_found, at)
+        image.close()
+    finally:
+        os.close(fd)
