@@ -86,13 +86,10 @@ class BlockGraph:
             new.parents.append(node)
             if new.owner in dropped:
                 new.owner = node
-            for image in dropped:
-                if new in image.children() and image in new.parents:
-                    new.parents.remove(image)
         closing = []
         for image in dropped:
             if image.owner is None or image.parents:
-                continue  # the monitor's (or still another's): it stays, unlinked
+                continue  # the monitor's (or still another's): it stays, with its backing
             for gone in (image, *image.owned()):
                 if gone is new:
                     continue

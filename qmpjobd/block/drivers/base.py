@@ -117,9 +117,10 @@ class Node:
             raise self._busy(self.source_of[0])
 
     def check_removable(self) -> None:
-        # QEMU asks the node's blockers first (a parent using it as its backing file), then
+        # QEMU asks the node's blockers first (a parent using it as its backing file, the
+        # newest first: an overlay a commit moved onto it before the image it dropped), then
         # whether the monitor owns it, then whether anything else holds it.
-        for parent in self.parents:
+        for parent in reversed(self.parents):
             if parent.backing is self:
                 raise BlockError(
                     f"Node '{self.name}' is busy: node is used as backing hd of '{parent.name}'"
