@@ -292,3 +292,46 @@ def test_a_target_that_refuses_the_copies_stops_the_job_until_it_takes_them(
             assert conn.execute("blockdev-del", {"node-name": name}) == {"return": {}}
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(source), str(target))
     check_clean(target)
+
+
+def test_a_base_that_refuses_the_copies_stops_a_commit_until_it_takes_them(
+        tmp_path: Path) -> None:
+    """The same for the commit of an intermediate image: its walk's copies into the base
+    fail in the copier; the commit stops with BLOCK_JOB_ERROR write/stop, and once resumed
+    the base holds what the committed image held."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        missing("making a file immutable needs root and chattr")
+    base, top, overlay = (tmp_path / f"{name}.qcow2" for name in ("base", "top", "overlay"))
+    raw = tmp_path / "top.raw"
+    raw.write_bytes(random.Random(4).randbytes(8 * MiB))
+    qemu_img("create", "-q", "-f", "qcow2", str(base), str(8 * MiB))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(top))
+    qemu_img("rebase", "-u", "-b", str(base), "-F", "qcow2", str(top))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(top), "-F", "qcow2", str(overlay))
+    with start_qmpjobd(tmp_path) as daemon, daemon.connect() as conn:
+        for name, path, backing in (("base", base, None), ("top", top, "base"),
+                                    ("overlay", overlay, "top")):
+            reply = conn.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": name, "backing": backing,
+                "file": {"driver": "file", "filename": str(path)}})
+            assert reply == {"return": {}}, reply
+        subprocess.run(["chattr", "+i", str(base)], check=True)
+        try:
+            reply = conn.execute("block-commit", {"job-id": "j", "device": "overlay",
+                                                  "top-node": "top", "base-node": "base",
+                                                  "on-error": "stop"})
+            assert reply == {"return": {}}, reply
+            events = _until(conn, "j", "paused")
+            errors = [e["data"] for e in events if e["event"] == "BLOCK_JOB_ERROR"]
+            assert errors and errors[0] == {"device": "j", "operation": "write",
+                                            "action": "stop"}
+        finally:
+            subprocess.run(["chattr", "-i", str(base)], check=True)
+        assert conn.execute("job-resume", {"id": "j"}) == {"return": {}}
+        events = _until(conn, "j", "null")
+        done = [e["data"] for e in events if e["event"] == "BLOCK_JOB_COMPLETED"]
+        assert len(done) == 1 and "error" not in done[0], done
+        for name in ("overlay", "top", "base"):
+            assert conn.execute("blockdev-del", {"node-name": name}) == {"return": {}}
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(base))
+    check_clean(base)

@@ -182,3 +182,29 @@ def copy_by_status_sync(
         pos += n
         written += n
     return written
+
+
+def copy_as_read_sync(source: Node, target: Node, offset: int, length: int) -> None:
+    """What SOURCE reads over the range, written into TARGET as a guest writes it (zeroes as
+    data: QEMU's commit writes the buffer it read); the pieces kept as they read in host
+    files are copied in the kernel (by the target's copier, if it defers copies). A failure
+    is CopyFailed, with the bytes done before it. Blocking."""
+    done = 0
+    while done < length:
+        pos = offset + done
+        try:
+            piece = source.data_extent(pos, length - done)
+            if piece is None:
+                n = min(source.block_status(pos, length - done).length, length - done)
+                data = source.read_sync(pos, n)
+        except OSError as e:
+            raise CopyFailed("read", e, done) from None
+        try:
+            if piece is not None:
+                target.write_from_sync(pos, piece)
+                n = piece.length
+            else:
+                target.write_exact_sync(pos, data if data is not None else bytes(n))
+        except OSError as e:
+            raise CopyFailed("write", e, done) from None
+        done += n

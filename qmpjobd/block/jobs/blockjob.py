@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -26,14 +28,23 @@ IGNORED_ERROR_RETRY_NS = 10_000_000
 WALK_BATCH = 8 << 20
 # ... and the most it walks over (pieces it need not copy cost little, but not nothing).
 WALK_SPAN = 1 << 30
+# A walk whose copies a copier process makes (defers_copies) goes on longer between two pause
+# points, up to this many bytes copied or WALK_TRIP_NS: the trip's end waits for the copier.
+WALK_DEFERRED_BATCH = 64 << 20
+WALK_TRIP_NS = 20_000_000
 
 
 def _walk_pieces(step: Callable[[int], tuple[int, bool]], offset: int, size: int,
-                 batch: int) -> tuple[int, int, CopyFailed | None]:
-    """STEP over the pieces from OFFSET: one, or as many as copy up to BATCH bytes; (bytes
-    walked, bytes copied, the failure that stopped the walk or None). In a worker thread."""
+                 batch: int, starts: list[int] | None = None,
+                 deadline: int | None = None) -> tuple[int, int, CopyFailed | None]:
+    """STEP over the pieces from OFFSET: one, or as many as copy up to BATCH bytes (and
+    until time.monotonic_ns() reaches DEADLINE, if given); (bytes walked, bytes copied, the
+    failure that stopped the walk or None). Each piece's offset is added to STARTS. In a
+    worker thread."""
     walked = copied = 0
     while offset + walked < size:
+        if starts is not None:
+            starts.append(offset + walked)
         try:
             n, did_copy = step(offset + walked)
         except CopyFailed as failure:
@@ -41,6 +52,8 @@ def _walk_pieces(step: Callable[[int], tuple[int, bool]], offset: int, size: int
         walked += n
         copied += n if did_copy else 0
         if copied >= batch or walked >= WALK_SPAN or not batch:
+            break
+        if deadline is not None and time.monotonic_ns() >= deadline:
             break
     return walked, copied, None
 
@@ -50,6 +63,9 @@ class BlockJob(Job):
 
     # Whether the job flushes its target before it ends or becomes ready (Node.write_behind).
     flushes_target: ClassVar[bool] = False
+    # Whether a walk without a speed limit has its target's copies made by the target's
+    # copier process (Node.defer_copies_sync) while it goes on.
+    defers_copies: ClassVar[bool] = False
 
     def __init__(
         self, job_id: str, emit: Emit, source: Node, target: Node, *, auto_finalize: bool,
@@ -137,8 +153,12 @@ class BlockJob(Job):
             failure: CopyFailed | None = None
             self.io_begin()
             try:
-                n, copied_bytes, failure = await trio.to_thread.run_sync(
-                    _walk_pieces, step, offset, size, batch)
+                if batch and self.defers_copies:
+                    n, copied_bytes, failure = await trio.to_thread.run_sync(
+                        self._walk_deferred, step, offset, size)
+                else:
+                    n, copied_bytes, failure = await trio.to_thread.run_sync(
+                        _walk_pieces, step, offset, size, batch)
             finally:
                 self.io_end()
             offset += n
@@ -149,6 +169,24 @@ class BlockJob(Job):
                 if action == "report":
                     raise failure.error from None
                 await self.retry_after(action)
+
+    def _walk_deferred(self, step: Callable[[int], tuple[int, bool]], offset: int,
+                       size: int) -> tuple[int, int, CopyFailed | None]:
+        """_walk_pieces with the target's copies made by its copier meanwhile, all done
+        before the trip ends: a copy that failed stops the walk at its piece, as if the piece
+        had failed there. In a worker thread."""
+        starts: list[int] = []
+        self.target.defer_copies_sync()
+        try:
+            walked, copied, failure = _walk_pieces(
+                step, offset, size, WALK_DEFERRED_BATCH, starts,
+                time.monotonic_ns() + WALK_TRIP_NS)
+        finally:
+            late = self.target.settle_copies_sync()
+        if late is not None and (failure is None or late[0] < starts[-1]):
+            began = starts[bisect.bisect_right(starts, late[0]) - 1]
+            return began - offset, 0, CopyFailed("write", late[1], 0)
+        return walked, copied, failure
 
     def user_resume(self) -> None:
         super().user_resume()

@@ -3,7 +3,8 @@
 Commit of an intermediate image (TOP below the device's own image), as QEMU's commit job: the
 chain from TOP down to the base's overlay is walked in pieces of at most 512 KiB; a piece one
 of those layers holds is read through TOP and written into the base as it reads, zeroes
-included (QEMU's commit writes the buffer it read); the rest is passed over. Progress counts
+included (QEMU's commit writes the buffer it read), its data copied in the kernel (by the
+base's copier process, without a speed limit); the rest is passed over. Progress counts
 every piece, only copied ones count against the speed. A base smaller than TOP is grown
 first. Once done, the image above TOP names the base in its header and falls through to it,
 and the images between, if the chain opened them from headers, are closed.
@@ -27,7 +28,7 @@ import trio
 from ...jobs.job import Emit
 from ...jobs.manager import JobManager
 from ..chain import CommitPlan, allocated_above, drop_intermediate, plan_commit
-from ..datapath import copy_by_status
+from ..datapath import copy_as_read_sync, copy_by_status
 from ..drivers.base import Node
 from ..errors import CopyFailed
 from ..graph import BlockGraph
@@ -43,6 +44,7 @@ class CommitJob(BlockJob):
 
     job_type = "commit"
     flushes_target = True  # before the overlay's header names the base
+    defers_copies = True
 
     def __init__(self, job_id: str, emit: Emit, graph: BlockGraph, plan: CommitPlan, *,
                  base_reopened: bool, **options: Any) -> None:
@@ -69,15 +71,11 @@ class CommitJob(BlockJob):
         length = min(CHUNK, plan.top.size - offset)
         try:
             held, n = allocated_above(plan.top, plan.base_overlay, offset, length)
-            if not held:
-                return n, False
-            data = plan.top.read_sync(offset, n)
         except OSError as e:
             raise CopyFailed("read", e, 0) from None
-        try:
-            plan.base.write_exact_sync(offset, data if data is not None else bytes(n))
-        except OSError as e:
-            raise CopyFailed("write", e, 0) from None
+        if not held:
+            return n, False
+        copy_as_read_sync(plan.top, plan.base, offset, n)
         return n, True
 
 
