@@ -33,8 +33,9 @@
                                 and query-tasks pages over 50,000/100,000 stored finished tasks,
                                 RSS, start-up and disk with 1,000,000, and query-jobs latency
                                 while 10,000 task changes a second are written
-    scripts/bench.py qcow2      qcow2 jobs on 1 GiB images (stream, active commit, backup and
-                                mirror into qcow2), MB/s side by side with the monitor's p99
+    scripts/bench.py qcow2      qcow2 jobs on 1 GiB images (stream, commit of the active layer
+                                and of an intermediate image, backup and mirror into qcow2),
+                                MB/s side by side with the monitor's p99
                                 latency meanwhile; a 1 TiB image holding 1 GiB backed up against
                                 a dense 1 GiB one, with the daemon's RSS (scripts/bench_qcow2.py;
                                 --provisioned: on an ext4 whose blocks are all backed, for a

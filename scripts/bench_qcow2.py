@@ -13,6 +13,8 @@ and throughput as the bytes the job moves over the time from command to BLOCK_JO
               streams what its backing file holds
     commit    an overlay with 256 MiB of random data (4 MiB in every 16) over a fresh copy of
               half.qcow2: block-commit of the active layer, completed at READY
+    commit-mid  the same overlay, with an empty image above it: block-commit of the
+              intermediate image into the base
     backup    half.qcow2 to a fresh empty qcow2 image, blockdev-backup sync=full
     mirror    the same, blockdev-mirror sync=full, completed at READY
     sparse    a 1 TiB image holding 1 GiB (1 MiB in each GiB) backed up to a fresh 1 TiB image,
@@ -211,6 +213,7 @@ def workloads(workdir: str) -> list[Workload]:
     base = os.path.join(workdir, "base.qcow2")
     top = os.path.join(workdir, "top.qcow2")
     target = os.path.join(workdir, "target.qcow2")
+    overlay = os.path.join(workdir, "overlay.qcow2")
 
     def fresh_overlay(_: str) -> None:
         if os.path.exists(top):
@@ -251,6 +254,17 @@ def workloads(workdir: str) -> list[Workload]:
             same_image(half, path)
         return verify
 
+    def commit_mid(_: str) -> tuple[list[dict[str, Any]], str, dict[str, Any], bool]:
+        commit(_)
+        if os.path.exists(overlay):
+            os.remove(overlay)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", overlay)
+        os.sync()
+        return ([qcow2_node("base", base), qcow2_node("top", top, backing="base"),
+                 qcow2_node("overlay", overlay, backing="top")],
+                "block-commit", {"device": "overlay", "top-node": "top", "base-node": "base"},
+                False)
+
     def committed(_: str) -> None:
         check_image(base)
         same_image(os.path.join(workdir, "top256.qcow2"), base)
@@ -258,6 +272,7 @@ def workloads(workdir: str) -> list[Workload]:
     return [
         Workload("stream", GIB // 2, stream, same_as_half(top)),
         Workload("commit", GIB // 4, commit, committed),
+        Workload("commit-mid", GIB // 4, commit_mid, committed),
         Workload("backup", GIB // 2, copy_job("blockdev-backup", False), same_as_half(target)),
         Workload("mirror", GIB // 2, copy_job("blockdev-mirror", True), same_as_half(target)),
     ]
@@ -269,7 +284,7 @@ def timed(client: JobClient, watcher: Watch, workload: Workload, workdir: str) -
         client.execute("blockdev-add", node)
     with watcher:
         seconds = run_job(client, command, arguments, complete)
-    for node in nodes:
+    for node in reversed(nodes):  # (an overlay before the image under it)
         client.execute("blockdev-del", {"node-name": node["node-name"]})
     workload.verify(workdir)
     return seconds
@@ -304,7 +319,7 @@ def bench_qcow2(given: str | None) -> None:
         fs = filesystem(workdir)
     print(f"qcow2: 1 GiB images, 64 KiB clusters, on {fs}; medians of {RUNS} interleaved runs "
           "after an untimed round (every result checked by qemu-img check and compare)")
-    print(f"  {'job':8} {'QSD MB/s':>9} {'qmpjobd MB/s':>13} {'ratio':>6}   monitor p99 "
+    print(f"  {'job':10} {'QSD MB/s':>9} {'qmpjobd MB/s':>13} {'ratio':>6}   monitor p99 "
           "QSD / qmpjobd")
     for workload in jobs:
         rates = {}
@@ -313,14 +328,14 @@ def bench_qcow2(given: str | None) -> None:
             rates[name] = workload.moved / statistics.median(seconds[(workload.name, name)]) / 1e6
             samples = latency[(workload.name, name)]
             p99[name] = statistics.quantiles(samples, n=100)[98] if len(samples) > 1 else 0.0
-        print(f"  {workload.name:8} {rates['qemu-storage-daemon']:9.0f} {rates['qmpjobd']:13.0f} "
+        print(f"  {workload.name:10} {rates['qemu-storage-daemon']:9.0f} {rates['qmpjobd']:13.0f} "
               f"{rates['qmpjobd'] / rates['qemu-storage-daemon']:5.2f}x   "
               f"{p99['qemu-storage-daemon']:.1f} / {p99['qmpjobd']:.1f} ms")
     # Each run's time, so that the spread behind a median shows (the disk's moods are large).
     for workload in jobs:
         for name in ("qemu-storage-daemon", "qmpjobd"):
             runs = " ".join(f"{t * 1e3:.0f}" for t in seconds[(workload.name, name)])
-            print(f"    {workload.name:8} {name:20} runs (ms): {runs}")
+            print(f"    {workload.name:10} {name:20} runs (ms): {runs}")
     print("  sparse: backup of a 1 TiB image holding 1 GiB against a dense 1 GiB image "
           f"(median of {RUNS}; time ratio, largest RSS during the 1 TiB job)")
     for name, (big, dense) in sparse.items():
