@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import json
 import os
 import shutil
 import statistics
@@ -284,6 +286,74 @@ def workloads(workdir: str) -> list[Workload]:
     ]
 
 
+def _data_map(path: str) -> list[dict[str, Any]]:
+    """qemu-img map's entries of PATH's own data (guest start, length, host offset)."""
+    done = subprocess.run(["qemu-img", "map", "--output=json", path], check=True,
+                          capture_output=True, text=True)
+    return [e for e in json.loads(done.stdout)
+            if e["data"] and e["depth"] == 0 and e.get("offset") is not None]
+
+
+def _copy(source: int, source_offset: int, target: int, offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        done += os.copy_file_range(source, target, length - done, source_offset + done,
+                                   offset + done)
+
+
+def kernel_floors(workdir: str) -> dict[str, float]:
+    """The least time the commit and mirror rows' copies take on this machine: one writer
+    moving the same bytes to the same kind of places with copy_file_range (writeback started
+    every 16 MiB, as qmpjobd's jobs start it), then fdatasync, as both jobs sync before they
+    end or are ready; medians of RUNS, in seconds. A daemon that took QSD's time over 1.5 at
+    most would have to be at least this fast."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    half, top256 = os.path.join(workdir, "half.qcow2"), os.path.join(workdir, "top256.qcow2")
+    in_base = {e["start"] + i: e["offset"] + i for e in _data_map(half)
+               for i in range(0, e["length"], MIB)}
+    pieces = {"commit": [(e["offset"] + i, e["start"] + i) for e in _data_map(top256)
+                         for i in range(0, e["length"], MIB)],
+              "mirror": [(e["offset"] + i, None) for e in _data_map(half)
+                         for i in range(0, e["length"], MIB)]}
+    floors: dict[str, list[float]] = {"commit": [], "mirror": []}
+    target = os.path.join(workdir, "floor.bin")
+    for _ in range(RUNS):
+        for name, moves in pieces.items():
+            source = top256 if name == "commit" else half
+            if name == "commit":
+                shutil.copyfile(half, target)  # the base, written in place and after its end
+            elif os.path.exists(target):
+                os.remove(target)
+            cached(source)
+            os.sync()
+            src = os.open(source, os.O_RDONLY)
+            dst = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                start = time.perf_counter()
+                end = os.fstat(dst).st_size
+                # The new blocks reserved first, as qmpjobd reserves them.
+                appended = sum(1 for _, guest in moves if guest is None or guest not in in_base)
+                os.posix_fallocate(dst, end, appended * MIB)
+                since = 0
+                for host, guest in moves:
+                    place = in_base.get(guest) if guest is not None else None
+                    if place is None:
+                        place, end = end, end + MIB
+                    _copy(src, host, dst, place, MIB)
+                    since += MIB
+                    if since >= 16 * MIB:
+                        libc.sync_file_range(dst, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
+                        since = 0
+                os.fdatasync(dst)
+                floors[name].append(time.perf_counter() - start)
+            finally:
+                os.close(src)
+                os.close(dst)
+    os.remove(target)
+    return {name: statistics.median(times) for name, times in floors.items()}
+
+
 def timed(client: JobClient, watcher: Watch, workload: Workload, workdir: str) -> float:
     nodes, command, arguments, complete = workload.prepare(workdir)
     for node in nodes:
@@ -316,6 +386,7 @@ def bench_qcow2(given: str | None) -> None:
                             seconds.setdefault((workload.name, name), []).append(result)
                             latency.setdefault((workload.name, name), []).extend(
                                 watcher.samples)
+        floors = kernel_floors(workdir)
         # The images above are done with: on a provisioned file system they would leave the
         # 1 TiB image's target 300 MiB of room (its job ran 2-3 times as long there).
         for image in WORKLOAD_IMAGES:
@@ -342,6 +413,14 @@ def bench_qcow2(given: str | None) -> None:
         print(f"  {workload.name:10} {rates['qemu-storage-daemon']:9.0f} {rates['qmpjobd']:13.0f} "
               f"{rates['qmpjobd'] / rates['qemu-storage-daemon']:5.2f}x   "
               f"{p99['qemu-storage-daemon']:.1f} / {p99['qmpjobd']:.1f} ms")
+    medians = {(workload.name, name): statistics.median(seconds[(workload.name, name)])
+               for workload in jobs for name in ("qemu-storage-daemon", "qmpjobd")}
+    print("  kernel floor (one writer: copy_file_range, writeback started every 16 MiB, "
+          f"fdatasync; median of {RUNS}): the most any daemon could beat QSD by here")
+    for row, floor in (("commit", "commit"), ("commit-mid", "commit"), ("mirror", "mirror")):
+        qsd = medians[(row, "qemu-storage-daemon")]
+        print(f"    {row:10} floor {floors[floor] * 1e3:4.0f} ms   QSD {qsd * 1e3:4.0f} ms   "
+              f"QSD / floor {qsd / floors[floor]:.2f}x")
     # Each run's time, so that the spread behind a median shows (the disk's moods are large).
     for workload in jobs:
         for name in ("qemu-storage-daemon", "qmpjobd"):
