@@ -25,6 +25,12 @@ and throughput as the bytes the job moves over the time from command to BLOCK_JO
 Every image a job wrote is checked afterwards (untimed): `qemu-img check` clean and
 `qemu-img compare` equal to what it copies.
 
+The kernel floor of the commit and mirror rows (kernel_floors): the same bytes moved to the
+same kind of places by one writer with copy_file_range, writeback started every 16 MiB, then
+fdatasync, as the jobs sync before they end or are ready. QSD's time over it is the most any
+daemon could beat QSD by on the machine (a single writer: the kernel lets one writer into a
+file at a time).
+
 mirror-sparse: blockdev-mirror sync=full of a 512 MiB raw file holding 5 MiB (five 1 MiB
 extents, holes elsewhere) to a fresh sparse raw file: the time to BLOCK_JOB_READY, median of 5.
 
