@@ -12,7 +12,6 @@ and retried in the next pass, as the error policy says (blockjob.py).
 
 from __future__ import annotations
 
-import bisect
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ from ..datapath import copy, copy_by_status_sync
 from ..drivers.base import Extent, Node
 from ..errors import BlockError, CopyFailed
 from ..graph import BlockGraph
-from .blockjob import BlockJob, dirty_bitmap, new_job_id
+from .blockjob import BlockJob, DeferredCopies, dirty_bitmap, new_job_id, piece_at
 from .mirror import allocated_ranges
 
 CLUSTER = 65536
@@ -138,8 +137,7 @@ class BackupJob(BlockJob):
         copied = 0
         steps: list[int] = []  # where each step began
         failure: CopyFailed | None = None
-        self.target.defer_copies_sync()
-        try:
+        with DeferredCopies(self.target) as copies:
             while offset < end:
                 step = min(self.fast_chunk, end - offset)
                 extent: Extent | None = None
@@ -163,12 +161,11 @@ class BackupJob(BlockJob):
                 offset += step
                 if copied >= self.fast_chunk or time.monotonic_ns() >= deadline:
                     break
-        finally:
-            late = self.target.settle_copies_sync()
+        late = copies.failed
         if late is not None and (failure is None or late[0] < steps[-1] + failure.done):
             # A deferred write failed first: the trip ends at it, as if it had failed there.
             at, error = late
-            began = steps[bisect.bisect_right(steps, at) - 1]
+            began = steps[piece_at(steps, at)]
             return began - start, CopyFailed("write", error, at - began)
         if failure is not None:
             return steps[-1] - start, failure

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import trio
@@ -32,6 +32,29 @@ WALK_SPAN = 1 << 30
 # points, up to this many bytes copied or WALK_TRIP_NS: the trip's end waits for the copier.
 WALK_DEFERRED_BATCH = 64 << 20
 WALK_TRIP_NS = 20_000_000
+
+
+class DeferredCopies:
+    """`with DeferredCopies(target) as copies:` a run of a job's requests in a worker thread,
+    TARGET's copies made by its copier process meanwhile (Node.defer_copies_sync), all
+    settled when the run ends, however it ends; `copies.failed` is then the failed copy with
+    the lowest offset, (offset, error), if any. (Backup, mirror and commit trips.)"""
+
+    def __init__(self, target: Node) -> None:
+        self.target = target
+        self.failed: tuple[int, OSError] | None = None
+
+    def __enter__(self) -> DeferredCopies:
+        self.target.defer_copies_sync()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.failed = self.target.settle_copies_sync()
+
+
+def piece_at(starts: Sequence[int], at: int) -> int:
+    """Which of the pieces that begin at STARTS (in order) offset AT lies in: its index."""
+    return bisect.bisect_right(starts, at) - 1
 
 
 def _walk_pieces(step: Callable[[int], tuple[int, bool]], offset: int, size: int,
@@ -176,15 +199,13 @@ class BlockJob(Job):
         before the trip ends: a copy that failed stops the walk at its piece, as if the piece
         had failed there. In a worker thread."""
         starts: list[int] = []
-        self.target.defer_copies_sync()
-        try:
+        with DeferredCopies(self.target) as copies:
             walked, copied, failure = _walk_pieces(
                 step, offset, size, WALK_DEFERRED_BATCH, starts,
                 time.monotonic_ns() + WALK_TRIP_NS)
-        finally:
-            late = self.target.settle_copies_sync()
+        late = copies.failed
         if late is not None and (failure is None or late[0] < starts[-1]):
-            began = starts[bisect.bisect_right(starts, late[0]) - 1]
+            began = starts[piece_at(starts, late[0])]
             return began - offset, 0, CopyFailed("write", late[1], 0)
         return walked, copied, failure
 

@@ -25,7 +25,7 @@ from ..datapath import copy, copy_by_status, copy_by_status_sync, on_host_files
 from ..drivers.base import Node
 from ..errors import BlockError, CopyFailed
 from ..graph import BlockGraph
-from .blockjob import BlockJob, dirty_bitmap, new_job_id
+from .blockjob import BlockJob, DeferredCopies, dirty_bitmap, new_job_id, piece_at
 
 DEFAULT_BUF_SIZE = 1 << 24
 # As QEMU's mirror: at most this many requests in flight, each of at least MIN_REQUEST bytes
@@ -259,8 +259,7 @@ class MirrorJob(BlockJob):
         request's failure, and the requests after it as not done (they are copied again)."""
         done, failure = len(batch), None
         deadline = time.monotonic_ns() + TRIP_NS
-        self.target.defer_copies_sync()
-        try:
+        with DeferredCopies(self.target) as copies:
             for n, (offset, length, _) in enumerate(batch):
                 try:
                     copy_by_status_sync(self.source, self.target, offset, length,
@@ -271,12 +270,9 @@ class MirrorJob(BlockJob):
                 if time.monotonic_ns() >= deadline:
                     done = n + 1
                     break
-        finally:
-            late = self.target.settle_copies_sync()
-        if late is not None:
-            at, error = late
-            first = next(n for n, (offset, length, _) in enumerate(batch)
-                         if offset + length > at)
+        if copies.failed is not None:
+            at, error = copies.failed
+            first = piece_at([offset for offset, _, _ in batch], at)
             into = at - batch[first][0]
             if first < done or (failure is not None and first == done and into < failure.done):
                 done, failure = first, CopyFailed("write", error, into)
