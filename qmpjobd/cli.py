@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import PACKAGE, QMP_API_VERSION, __version__
+from . import PACKAGE, QMP_API_VERSION, __version__, paths
 from .limits import Limits
 from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
 from .qapi.errors import KeyvalError
@@ -287,11 +287,12 @@ def _monitor(text: str, chardevs: dict[str, str | None], used: set[str]) -> tupl
 
 
 def default_socket_path(tmp: str = "/tmp") -> str:
-    """$XDG_RUNTIME_DIR/qmpjobd.sock, else TMP/qmpjobd-$UID/qmp.sock in a private directory."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "qmpjobd.sock")
-    private = os.path.join(tmp, f"qmpjobd-{os.getuid()}")
+    """paths.default_socket_path, its private directory made if it is not there (and refused if
+    it is not private)."""
+    path = paths.default_socket_path(tmp)
+    private = paths.private_directory(tmp)
+    if private is None:
+        return path
     try:
         os.mkdir(private, 0o700)
     except FileExistsError:
@@ -306,7 +307,7 @@ def default_socket_path(tmp: str = "/tmp") -> str:
             raise UsageError(
                 f"{private} exists but is not a private directory of this user"
             ) from None
-    return os.path.join(private, "qmp.sock")
+    return path
 
 
 # -- running -----------------------------------------------------------------------------------

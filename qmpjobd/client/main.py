@@ -1,0 +1,385 @@
+"""qmpjob: see what a qmpjobd runs, wait for it, steer it.
+
+    qmpjob list [--all] [--json]       jobs and task records, with progress, speed, eta, age
+    qmpjob watch [ID...]               the same, live, until the named jobs conclude
+    qmpjob wait ID...                  exit 0 once all succeeded, 1 if one failed or was cancelled
+    qmpjob pause|resume|cancel|complete|finalize|dismiss ID
+    qmpjob set-speed ID BYTES          a block job's speed limit (0: none; 64M = 64 MiB/s)
+    qmpjob events [--json]             every event, as it comes
+    qmpjob tasks [--status S] [--type T] [--label L] [--all] [--json]
+    qmpjob schema [COMMAND]            the commands, or one command's arguments and reply
+
+An ID is a job id or a task's uuid. Exit status: 0 done; 1 the daemon refused (its error on
+stderr) or a waited-for job failed or was cancelled; 2 usage or connection errors. Errors are
+one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .. import paths
+from ..qmp.client import CommandFailed, ProtocolError
+from . import render
+from .connection import ConnectFailed, Connection
+
+# typing itself would cost a one-shot client 3 ms to load (mypy reads this as typing's).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+FINISHED = frozenset({"success", "failure", "cancelled"})
+VERBS = {"pause": "job-pause", "resume": "job-resume", "cancel": "job-cancel",
+         "complete": "job-complete", "finalize": "job-finalize", "dismiss": "job-dismiss"}
+SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every other error: 'qmpjob wait: error: ...' (usage with --help).
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="qmpjob", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("-s", "--socket", default=None,
+                     help=f"the daemon's QMP socket (default: {paths.default_socket_path()})")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                             parser_class=_Parser)
+    listing = sub.add_parser("list", help="jobs and running tasks")
+    listing.add_argument("--all", action="store_true", help="finished task records too")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    watch = sub.add_parser("watch", help="a live view until the named jobs conclude")
+    watch.add_argument("ids", nargs="*", metavar="ID")
+    wait = sub.add_parser("wait", help="wait until jobs or tasks end (no output)")
+    wait.add_argument("ids", nargs="+", metavar="ID")
+    for verb in VERBS:
+        one = sub.add_parser(verb, help=f"{VERBS[verb]} on a job")
+        one.add_argument("id", metavar="ID")
+    speed = sub.add_parser("set-speed", help="a block job's speed limit, bytes per second")
+    speed.add_argument("id", metavar="ID")
+    speed.add_argument("bytes", metavar="BYTES", type=byte_count)
+    events = sub.add_parser("events", help="every event as it comes")
+    events.add_argument("--json", action="store_true", help="each event as the daemon sent it")
+    tasks = sub.add_parser("tasks", help="task records")
+    tasks.add_argument("--status", action="append", choices=sorted(FINISHED | {
+        "pending", "cancelling"}), help="only these statuses (repeatable)")
+    tasks.add_argument("--type", help="only tasks of this type")
+    tasks.add_argument("--label", help="only tasks with this name label")
+    tasks.add_argument("--all", action="store_true", help="finished tasks too")
+    tasks.add_argument("--json", action="store_true", help="one JSON object per line")
+    schema = sub.add_parser("schema", help="commands and their arguments")
+    schema.add_argument("name", nargs="?", metavar="COMMAND")
+    return top
+
+
+def byte_count(text: str) -> int:
+    """BYTES as given: 1048576, 512k, 64M, 1G (binary units)."""
+    number, suffix = text, ""
+    if text and text[-1].lower() in SUFFIXES:
+        number, suffix = text[:-1], text[-1].lower()
+    try:
+        value = int(number) * SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}")
+    return value
+
+
+# -- list ----------------------------------------------------------------------------------------
+
+def rows(conn: Connection, everything: bool) -> list[dict[str, Any]]:
+    """The jobs and the task records to show: one entry each (a job's task with its job)."""
+    now = time.time()
+    jobs = conn.execute("query-jobs")
+    limits = {job["device"]: job.get("speed", 0)
+              for job in (conn.execute("query-block-jobs") if jobs else [])}
+    query = {} if everything else {"status": ["pending", "cancelling"]}
+    tasks = conn.execute("query-tasks", query)
+    # Newest first: a job id's first task is its job's (an id may have been used before).
+    by_job: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        if "job-id" in task:
+            by_job.setdefault(task["job-id"], task)
+    shown: set[str] = set()
+    out = []
+    for job in jobs:
+        task = by_job.get(job["id"], {})
+        if task:
+            shown.add(task["uuid"])
+        total, current = job["total-progress"], job["current-progress"]
+        started = render.parse_time(task.get("started"))
+        rate = current / (now - started) if started and now > started and current else None
+        out.append(entry("job", job["id"], job["type"], job["status"], task, now,
+                         current / total if total else None, rate, limits.get(job["id"]),
+                         current=current, total=total))
+    for task in tasks:
+        if task["uuid"] in shown:
+            continue
+        ident = task.get("job-id", task["uuid"])
+        out.append(entry("task", ident, task["type"], task["status"], task, now,
+                         task["progress"], None, None))
+    return out
+
+
+def entry(kind: str, ident: str, type_: str, status: str, task: dict[str, Any], now: float,
+          progress: float | None, rate: float | None, limit: int | None,
+          **extra: Any) -> dict[str, Any]:
+    created = render.parse_time(task.get("created"))
+    eta = render.parse_time(task.get("eta"))
+    return {"kind": kind, "id": ident, "uuid": task.get("uuid"), "type": type_,
+            "status": status, "progress": progress, **{f"{k}-progress": v
+                                                      for k, v in extra.items()},
+            "speed": rate, "speed-limit": limit or None,
+            "eta": None if eta is None else max(0.0, eta - now),
+            "age": None if created is None else max(0.0, now - created)}
+
+
+def show_rows(found: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        for row in found:
+            print(json.dumps(row))
+        return
+    if not found:
+        print("no jobs or tasks")
+        return
+    cells = []
+    for row in found:
+        speed = "" if row["speed"] is None else f"{render.size(row['speed'])}/s"
+        if row["speed-limit"]:
+            speed = f"{speed} (max {render.size(row['speed-limit'])}/s)".strip()
+        cells.append([row["id"], row["type"], row["status"], render.bar(row["progress"]),
+                      speed, "" if row["eta"] is None else render.duration(row["eta"]),
+                      "" if row["age"] is None else render.duration(row["age"])])
+    print(render.table(["ID", "TYPE", "STATUS", "PROGRESS", "SPEED", "ETA", "AGE"], cells))
+
+
+def do_list(conn: Connection, args: argparse.Namespace) -> int:
+    show_rows(rows(conn, args.all), args.json)
+    return EXIT_OK
+
+
+# -- wait ----------------------------------------------------------------------------------------
+
+def find_task(conn: Connection, ident: str) -> dict[str, Any]:
+    """The task IDENT names: the newest of the job with that id, else the task of that uuid."""
+    found = conn.execute("query-tasks", {"job-id": ident, "limit": 1})
+    if found:
+        return dict(found[0])
+    try:
+        return dict(conn.execute("query-task", {"uuid": ident}))
+    except CommandFailed:
+        raise CommandFailed("GenericError", f"no job or task '{ident}'") from None
+
+
+def outcome(ident: str, task: dict[str, Any]) -> str | None:
+    """Why the task did not succeed, or None if it did."""
+    if task["status"] == "success":
+        return None
+    if task["status"] == "cancelled":
+        return f"{ident}: cancelled"
+    info = task.get("error-info") or []
+    reason = info[1] if len(info) > 1 else (info[0] if info else "failed")
+    return f"{ident}: failed: {reason}"
+
+
+class Outcomes:
+    """The tasks of the IDs asked for, followed to their end by the TASK_CHANGE events of a
+    watch started before they were looked up (a change after the look is never missed)."""
+
+    def __init__(self, conn: Connection, idents: Sequence[str]) -> None:
+        conn.execute("task-watch")
+        self.waiting: dict[str, str] = {}  # uuid -> the ID it was asked by
+        self.failures: list[str] = []
+        self.tasks: dict[str, tuple[str, dict[str, Any]]] = {}  # uuid -> ID, latest record
+        for ident in idents:
+            task = find_task(conn, ident)
+            self.tasks[task["uuid"]] = (ident, task)
+            if task["status"] in FINISHED:
+                self._ended(ident, task)
+            else:
+                self.waiting[task["uuid"]] = ident
+
+    def _ended(self, ident: str, task: dict[str, Any]) -> None:
+        failure = outcome(ident, task)
+        if failure:
+            self.failures.append(failure)
+
+    def seen(self, event: dict[str, Any]) -> None:
+        if event["event"] != "TASK_CHANGE":
+            return
+        change = event["data"]
+        ident = self.waiting.get(change["uuid"])
+        if ident is None:
+            return
+        if change["change"] == "del":
+            self.failures.append(f"{ident}: its task record was destroyed before it ended")
+            del self.waiting[change["uuid"]]
+            return
+        self.tasks[change["uuid"]] = (ident, change["task"])
+        if change["task"]["status"] in FINISHED:
+            self._ended(ident, change["task"])
+            del self.waiting[change["uuid"]]
+
+    def report(self) -> int:
+        for failure in self.failures:
+            print(f"qmpjob: {failure}", file=sys.stderr)
+        return EXIT_REFUSED if self.failures else EXIT_OK
+
+
+def do_wait(conn: Connection, args: argparse.Namespace) -> int:
+    outcomes = Outcomes(conn, args.ids)
+    while outcomes.waiting:
+        event = conn.next_event()
+        if event is not None:
+            outcomes.seen(event)
+    return outcomes.report()
+
+
+# -- verbs ---------------------------------------------------------------------------------------
+
+def do_verb(conn: Connection, args: argparse.Namespace) -> int:
+    try:
+        conn.execute(VERBS[args.command], {"id": args.id})
+    except CommandFailed:
+        # cancel of a client's task (not a job): task-cancel, as the task API has it.
+        if args.command != "cancel":
+            raise
+        try:
+            task = conn.execute("query-task", {"uuid": args.id})
+        except CommandFailed:
+            task = None
+        if task is None or "job-id" in task:
+            raise
+        conn.execute("task-cancel", {"uuid": args.id})
+    return EXIT_OK
+
+
+def do_set_speed(conn: Connection, args: argparse.Namespace) -> int:
+    conn.execute("block-job-set-speed", {"device": args.id, "speed": args.bytes})
+    return EXIT_OK
+
+
+# -- events --------------------------------------------------------------------------------------
+
+def event_line(event: dict[str, Any]) -> str:
+    stamp = event.get("timestamp", {})
+    seconds = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    data = event.get("data", {})
+    fields = " ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+                      for key, value in data.items())
+    return f"{when}.{stamp.get('microseconds', 0):06d} {event['event']} {fields}".rstrip()
+
+
+def do_events(conn: Connection, args: argparse.Namespace) -> int:
+    while True:
+        event = conn.next_event()
+        if event is not None:
+            print(json.dumps(event) if args.json else event_line(event), flush=True)
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+def do_tasks(conn: Connection, args: argparse.Namespace) -> int:
+    query: dict[str, Any] = {}
+    if args.status:
+        query["status"] = args.status
+    elif not args.all:
+        query["status"] = ["pending", "cancelling"]
+    if args.type is not None:
+        query["type"] = args.type
+    if args.label is not None:
+        query["name-label"] = args.label
+    found = conn.execute("query-tasks", query)
+    if args.json:
+        for task in found:
+            print(json.dumps(task))
+        return EXIT_OK
+    now = time.time()
+    cells = []
+    for task in found:
+        created = render.parse_time(task["created"])
+        finished = render.parse_time(task.get("finished"))
+        cells.append([task["uuid"], task["type"], task["name-label"], task["status"],
+                      render.bar(task["progress"]),
+                      "" if created is None else render.duration(now - created),
+                      "" if finished is None else render.duration(now - finished) + " ago"])
+    if not cells:
+        print("no tasks")
+    else:
+        print(render.table(["UUID", "TYPE", "NAME", "STATUS", "PROGRESS", "AGE", "FINISHED"],
+                           cells))
+    return EXIT_OK
+
+
+# -- schema --------------------------------------------------------------------------------------
+
+def do_schema(conn: Connection, args: argparse.Namespace) -> int:
+    from .schema import command_names, describe
+
+    entities = conn.execute("query-qmp-schema")
+    if args.name is None:
+        print("\n".join(command_names(entities)))
+        return EXIT_OK
+    print(describe(entities, args.name))
+    return EXIT_OK
+
+
+def do_watch(conn: Connection, args: argparse.Namespace) -> int:
+    from .watch import watch  # rich, only for the live view
+
+    outcomes = Outcomes(conn, args.ids) if args.ids else None
+
+    def fetch() -> list[dict[str, Any]]:
+        # The jobs and running tasks, and the named ones however they ended.
+        found = rows(conn, False)
+        if outcomes is not None:
+            shown = {row["uuid"] for row in found}
+            now = time.time()
+            found += [entry("task", ident, task["type"], task["status"], task, now,
+                            task["progress"], None, None)
+                      for uuid, (ident, task) in outcomes.tasks.items() if uuid not in shown]
+        return found
+
+    watch(conn, outcomes, fetch)
+    return EXIT_OK if outcomes is None else outcomes.report()
+
+
+COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
+    "list": do_list, "watch": do_watch, "wait": do_wait, "set-speed": do_set_speed,
+    "events": do_events, "tasks": do_tasks, "schema": do_schema,
+    **{verb: do_verb for verb in VERBS},
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    path = args.socket or paths.default_socket_path()
+    try:
+        with Connection(path) as conn:
+            return COMMANDS[args.command](conn, args)
+    except CommandFailed as e:
+        what = " ".join([args.command, *([args.id] if "id" in args else [])])
+        print(f"qmpjob: {what}: {e.desc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (ConnectFailed, ProtocolError, UsageError) as e:
+        print(f"qmpjob: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        # The user ended a view (events, watch): done; a wait they gave up on: not.
+        return EXIT_USAGE if args.command == "wait" else EXIT_OK
+    except BrokenPipeError:  # the output's reader went away (qmpjob events | head)
+        sys.stderr.close()
+        return EXIT_OK
