@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import PACKAGE, QMP_API_VERSION, __version__, paths
+from .access import AccessPolicy, MonitorAccess, role_named
 from .limits import Limits
 from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
 from .qapi.errors import KeyvalError
@@ -65,6 +66,9 @@ class MonitorSpec:
     path: str | None
     pretty: bool = False
     origin: str = "the default socket"
+    # Its role, and the peers its socket admits; the socket file's mode (0600 if None).
+    access: MonitorAccess = field(default_factory=MonitorAccess)
+    mode: int | None = None
 
 
 @dataclass
@@ -84,6 +88,8 @@ class Config:
     # Where task records are kept (None: in memory), and their bounds (TaskLimits' fields).
     state_dir: str | None = None
     task_limits: dict[str, Any] = field(default_factory=dict)
+    # --access-policy: roles by peer uid and gid, below each monitor's.
+    access_policy: AccessPolicy = field(default_factory=AccessPolicy)
 
 
 # -- QEMU's key=value option syntax -----------------------------------------------------------
@@ -130,9 +136,15 @@ def _argument_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--chardev", action="append", default=[], metavar="socket,id=ID,path=PATH,server=on,"
-        "wait=off | stdio,id=ID", help="a character device to put a monitor on")
-    add("--monitor", action="append", default=[], metavar="[chardev=]ID[,pretty=on]",
-        help="a QMP monitor on the character device ID")
+        "wait=off[,mode=0600][,allow-uid=N[:N...]][,allow-gid=N[:N...]] | stdio,id=ID",
+        help="a character device to put a monitor on; a socket's file gets MODE (default "
+        "0600), and with allow-uid or allow-gid it admits only peers of those users or groups")
+    add("--monitor", action="append", default=[],
+        metavar="[chardev=]ID[,pretty=on][,role=read-only|operator|admin]",
+        help="a QMP monitor on the character device ID; ROLE limits what its clients may run "
+        "(default admin: everything)")
+    add("--access-policy", metavar="FILE", help="a JSON object mapping \"uid:N\" or \"gid:N\" "
+        "to a role: a peer it names gets at most that role on any monitor")
     add("--socket", action="append", default=[], metavar="PATH",
         help="a QMP monitor on a Unix socket at PATH (shorthand for a chardev and a monitor)")
     add("--blockdev", action="append", default=[], metavar="OPTIONS",
@@ -214,24 +226,34 @@ def parse_command_line(argv: list[str]) -> Config:
         task_limits={_TASK_LIMIT_FIELDS[name]: getattr(args, name) for name, *_ in _TASK_OPTIONS
                      if getattr(args, name) is not None},
     )
+    if args.access_policy is not None:
+        try:
+            config.access_policy = AccessPolicy.load(args.access_policy)
+        except ValueError as exc:
+            raise UsageError(f"--access-policy {exc}") from None
     chardevs: dict[str, str | None] = {}
     chardev_texts: dict[str, str] = {}
+    chardev_peers: dict[str, Chardev] = {}
     for text in args.chardev:
         try:
-            chardev_id, path = _chardev(text, chardevs)
+            chardev = _chardev(text, chardevs)
         except UsageError as exc:
             raise UsageError(f"--chardev {text}: {exc}") from None
-        chardevs[chardev_id] = path
-        chardev_texts[chardev_id] = text
+        chardevs[chardev.id] = chardev.path
+        chardev_texts[chardev.id] = text
+        chardev_peers[chardev.id] = chardev
     used: set[str] = set()
     for text in args.monitor:
         try:
-            chardev_id, pretty = _monitor(text, chardevs, used)
+            chardev_id, pretty, role = _monitor(text, chardevs, used)
         except UsageError as exc:
             raise UsageError(f"--monitor {text}: {exc}") from None
         used.add(chardev_id)
         origin = f"--chardev {chardev_texts[chardev_id]}"
-        config.monitors.append(MonitorSpec(chardevs[chardev_id], pretty, origin))
+        chardev = chardev_peers[chardev_id]
+        access = MonitorAccess(role, chardev.allow_uids, chardev.allow_gids)
+        config.monitors.append(MonitorSpec(chardevs[chardev_id], pretty, origin, access,
+                                           chardev.mode))
     for path in args.socket:
         config.monitors.append(MonitorSpec(path, origin=f"--socket {path}"))
     config.blockdevs = args.blockdev
@@ -244,8 +266,20 @@ def parse_command_line(argv: list[str]) -> Config:
     return config
 
 
-def _chardev(text: str, chardevs: dict[str, str | None]) -> tuple[str, str | None]:
-    """A --chardev option: its id, and its socket's path (None for stdio)."""
+@dataclass(frozen=True)
+class Chardev:
+    """A --chardev: its id, its socket's path (None for stdio), the file's mode, the peers it
+    admits (None: any)."""
+
+    id: str
+    path: str | None
+    mode: int | None = None
+    allow_uids: frozenset[int] | None = None
+    allow_gids: frozenset[int] | None = None
+
+
+def _chardev(text: str, chardevs: dict[str, str | None]) -> Chardev:
+    """A --chardev option."""
     options = parse_keyval(text, "backend")
     backend = options.pop("backend", None)
     chardev_id = options.pop("id", None)
@@ -254,6 +288,8 @@ def _chardev(text: str, chardevs: dict[str, str | None]) -> tuple[str, str | Non
     if chardev_id in chardevs:
         raise UsageError(f"Duplicate chardev ID '{chardev_id}'")
     path: str | None = None
+    mode = None
+    uids = gids = None
     if backend == "socket":
         path = options.pop("path", None)
         if not path:
@@ -262,16 +298,40 @@ def _chardev(text: str, chardevs: dict[str, str | None]) -> tuple[str, str | Non
             raise UsageError("a monitor socket needs 'server=on'")
         if _flag(options, "wait", True):
             raise UsageError("'wait=on' is not supported; use 'wait=off'")
+        if "mode" in options:
+            text_mode = options.pop("mode")
+            try:
+                mode = int(text_mode, 8)
+            except ValueError:
+                mode = -1
+            if not 0 <= mode <= 0o777:
+                raise UsageError(f"Parameter 'mode' expects an octal file mode, not "
+                                 f"'{text_mode}'")
+        uids = _ids(options, "allow-uid")
+        gids = _ids(options, "allow-gid")
     elif backend == "stdio":
         _flag(options, "signal", True)
     else:
         raise UsageError(f"unsupported chardev backend '{backend}'")
     _reject_rest(options)
-    return chardev_id, path
+    return Chardev(chardev_id, path, mode, uids, gids)
 
 
-def _monitor(text: str, chardevs: dict[str, str | None], used: set[str]) -> tuple[str, bool]:
-    """A --monitor option: its chardev's id, and whether it is pretty."""
+def _ids(options: dict[str, str], key: str) -> frozenset[int] | None:
+    """allow-uid=1000:1001 -> {1000, 1001} (None if the key is not there)."""
+    text = options.pop(key, None)
+    if text is None:
+        return None
+    parts = text.split(":")
+    if not all(part.isdigit() for part in parts):
+        raise UsageError(f"Parameter '{key}' expects numeric ids separated by ':', not "
+                         f"'{text}'")
+    return frozenset(int(part) for part in parts)
+
+
+def _monitor(text: str, chardevs: dict[str, str | None], used: set[str]
+             ) -> tuple[str, bool, int]:
+    """A --monitor option: its chardev's id, whether it is pretty, its role."""
     options = parse_keyval(text, "chardev")
     chardev_id = options.pop("chardev", None)
     if chardev_id is None or chardev_id not in chardevs:
@@ -282,8 +342,12 @@ def _monitor(text: str, chardevs: dict[str, str | None], used: set[str]) -> tupl
         raise UsageError("only mode=control (QMP) is supported")
     options.pop("id", None)
     pretty = _flag(options, "pretty", False)
+    try:
+        role = role_named(options.pop("role", "admin"))
+    except ValueError as exc:
+        raise UsageError(f"Parameter 'role': {exc}") from None
     _reject_rest(options)
-    return chardev_id, pretty
+    return chardev_id, pretty, role
 
 
 def default_socket_path(tmp: str = "/tmp") -> str:
@@ -436,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             if monitor.path is None:
                 continue
             try:
-                bound.append((bind_unix_socket(monitor.path), monitor))
+                bound.append((bind_unix_socket(monitor.path, monitor.mode), monitor))
             except SocketInUse as exc:
                 return _fail(ready_pipe, f"{monitor.origin}: {exc}")
             except OSError as exc:
@@ -479,7 +543,9 @@ def _serve(
     config: Config, bound: list[tuple[socket.socket, MonitorSpec]], ready_pipe: int | None
 ) -> int:
     listeners = bound
-    greeter = EarlyGreeter([(sock, _greeting(m.pretty)) for sock, m in listeners])
+    policy = config.access_policy
+    greeter = EarlyGreeter([(sock, _greeting(m.pretty), m.access) for sock, m in listeners],
+                           policy)
     greeter.start()
     try:
         daemon, dispatcher = _build(config)
@@ -506,9 +572,10 @@ def _serve(
     options = ServerOptions(
         version=QMP_API_VERSION,
         package=PACKAGE,
-        listening=[Listening(sock, str(m.path), m.pretty) for sock, m in listeners],
+        listening=[Listening(sock, str(m.path), m.pretty, m.access) for sock, m in listeners],
         greeted=greeted,
-        stdio=[m.pretty for m in config.monitors if m.path is None],
+        stdio=[(m.pretty, m.access.role) for m in config.monitors if m.path is None],
+        access_policy=policy,
         on_ready=on_ready,
     )
     options.limits = Limits(**config.limits)

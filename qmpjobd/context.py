@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
+from .access import ADMIN
 from .block.graph import BlockGraph
 from .events import Event, EventBus, OutputGate
 from .jobs.manager import JobManager
@@ -97,6 +98,8 @@ class Context:
     session: Session
     daemon: Daemon
     peer: tuple[int, int] | None = None
+    # What it may run (access.py's roles): its monitor's, lowered by the access policy.
+    role: int = ADMIN
     watch: TaskWatch | None = None
     send_event: Callable[[Event], None] = _no_send
     after_reply: list[Callable[[], None]] = field(default_factory=list)

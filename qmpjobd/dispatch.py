@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 
+from .access import ROLE_NAMES, minimum_role
 from .context import Context, Handler
 from .jobs.errors import JobError
 from .qapi.conform import problem
@@ -46,12 +47,19 @@ class Dispatcher:
         self.commands: dict[str, bool] = {
             name: entry.allow_oob for name, entry in tables.commands.items()
         }
+        # The least role that may run each command.
+        self.roles: dict[str, int] = {
+            name: minimum_role(name, entry.features) for name, entry in tables.commands.items()
+        }
 
     async def run(self, ctx: Context, request: Request) -> object:
         """The result of REQUEST, which the session admitted; raises QmpError with the reply's
         error."""
         name = request.command
         entry, fn = self._routes[name]
+        if ctx.role < self.roles[name]:
+            raise generic(f"Command '{name}' needs the role '{ROLE_NAMES[self.roles[name]]}'; "
+                          f"this connection's role is '{ROLE_NAMES[ctx.role]}'")
         try:
             arguments = entry.check_arguments(request.arguments)
         except ArgumentError as exc:

@@ -11,20 +11,28 @@ milliseconds; a QMP client should not have to wait that long for the greeting.)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import socket
 import stat
+import struct
 import threading
+
+from .access import AccessPolicy, MonitorAccess, needs_groups, peer_groups
+
+log = logging.getLogger("qmpjobd.listen")
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class SocketInUse(Exception):
     """Another live daemon answers on the socket path."""
 
 
-def bind_unix_socket(path: str) -> socket.socket:
-    """A listening socket at PATH, mode 0600. A socket file whose daemon still answers is never
-    taken over (SocketInUse); a stale one, left by a daemon that was killed, is replaced."""
+def bind_unix_socket(path: str, mode: int | None = None) -> socket.socket:
+    """A listening socket at PATH, mode 0600 (or MODE, once bound). A socket file whose daemon
+    still answers is never taken over (SocketInUse); a stale one, left by a daemon that was
+    killed, is replaced."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise SocketInUse(f"{path} exists and is not a socket")
@@ -47,6 +55,12 @@ def bind_unix_socket(path: str) -> socket.socket:
         raise
     finally:
         os.umask(old_umask)
+    if mode is not None:
+        try:
+            os.chmod(path, mode)
+        except OSError:
+            sock.close()
+            raise
     sock.listen(socket.SOMAXCONN)
     return sock
 
@@ -59,9 +73,12 @@ def unlink_socket(path: str) -> None:
 class EarlyGreeter:
     """Accepts connections on listening sockets and greets them, in a thread, until `stop`."""
 
-    def __init__(self, listeners: list[tuple[socket.socket, bytes]]) -> None:
-        # Each listener with the greeting its clients get (monitors differ in pretty=on).
+    def __init__(self, listeners: list[tuple[socket.socket, bytes, MonitorAccess]],
+                 policy: AccessPolicy) -> None:
+        # Each listener with the greeting its clients get (monitors differ in pretty=on), and
+        # the peers it admits.
         self._listeners = listeners
+        self._policy = policy
         self._accepted: list[tuple[socket.socket, int]] = []
         self._stop_read, self._stop_write = os.pipe()
         self._thread = threading.Thread(target=self._run, name="qmpjobd-greeter", daemon=True)
@@ -80,7 +97,7 @@ class EarlyGreeter:
     def _run(self) -> None:
         with selectors.DefaultSelector() as selector:
             selector.register(self._stop_read, selectors.EVENT_READ, None)
-            for index, (listener, _) in enumerate(self._listeners):
+            for index, (listener, _, _) in enumerate(self._listeners):
                 selector.register(listener, selectors.EVENT_READ, index)
             while True:
                 for key, _ in selector.select():
@@ -89,14 +106,48 @@ class EarlyGreeter:
                     self._greet(key.data)
 
     def _greet(self, index: int) -> None:
-        listener, greeting = self._listeners[index]
+        listener, greeting, access = self._listeners[index]
         try:
             conn, _ = listener.accept()
         except OSError:
             return  # the client gave up already
+        if access.filters and judge(conn.fileno(), access, self._policy) is None:
+            conn.close()
+            return
         try:
             conn.sendall(greeting)  # a few hundred bytes into an empty socket buffer
         except OSError:
             conn.close()
             return
         self._accepted.append((conn, index))
+
+
+def peer_of(fd: int) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the peer of the Unix socket FD (SO_PEERCRED); None if the kernel
+    will not say (not a socket)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def judge(fd: int, access: MonitorAccess, policy: AccessPolicy) -> int | None:
+    """The role of the peer of FD on a monitor with ACCESS (the monitor's, lowered by POLICY),
+    or None if the monitor does not admit it (logged). Reads /proc for the peer's groups when
+    it must: call it in a thread, never on the event loop."""
+    peer = peer_of(fd)
+    if peer is None:
+        if access.filters:
+            log.info("refused a client: its credentials are unknown")
+            return None
+        return access.role
+    pid, uid, gid = peer
+    groups = peer_groups(pid, gid) if needs_groups(access, policy) else frozenset({gid})
+    if not access.admits(uid, groups):
+        log.info("refused a client: uid %d (pid %d, groups %s) is not among the socket's "
+                 "allow-uid/allow-gid", uid, pid, ",".join(map(str, sorted(groups))))
+        return None
+    return min(access.role, policy.ceiling(uid, groups))

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .access import ADMIN, AccessPolicy, MonitorAccess
 from .context import Context, Daemon
 from .dispatch import Dispatcher
 from .events import Event
 from .fdio import FdChannel, ReadinessHub
 from .jobs.errors import JobError
 from .limits import Limits
-from .listen import unlink_socket
+from .listen import judge, unlink_socket
 from .qmp.errors import QmpError
 from .qmp.framing import JsonSplitter
 from .qmp.session import NO_ID, Session
@@ -70,6 +71,7 @@ class Listening:
     sock: socket.socket
     path: str
     pretty: bool
+    access: MonitorAccess = field(default_factory=MonitorAccess)
 
 
 @dataclass
@@ -79,8 +81,10 @@ class ServerOptions:
     listening: list[Listening] = field(default_factory=list)
     # Connections accepted and greeted before the server started, with their listener's index.
     greeted: list[tuple[socket.socket, int]] = field(default_factory=list)
-    # stdin/stdout monitors (their pretty flags).
-    stdio: list[bool] = field(default_factory=list)
+    # stdin/stdout monitors (their pretty flags and roles).
+    stdio: list[tuple[bool, int]] = field(default_factory=list)
+    # --access-policy: the most each peer may do, by its uid and groups.
+    access_policy: AccessPolicy = field(default_factory=AccessPolicy)
     limits: Limits = field(default_factory=Limits)
     # Called once the server serves every monitor (pidfile, daemonize, "listening on").
     on_ready: Callable[[], None] = field(default=lambda: None)
@@ -432,16 +436,14 @@ class Server:
                 self.daemon.jobs.run_in(nursery)
                 nursery.start_soon(self.daemon.tasks.run)
                 for listener, monitor in zip(listeners, options.listening, strict=True):
-                    nursery.start_soon(self._accept_loop, listener, monitor.path, monitor.pretty)
+                    nursery.start_soon(self._accept_loop, listener, monitor)
                 for conn, index in options.greeted:
                     monitor = options.listening[index]
                     fd = conn.detach()
                     channel = FdChannel(fd, fd, (fd,), self.hub)
-                    nursery.start_soon(
-                        self._serve, channel, monitor.pretty, self._name(monitor.path), True
-                    )
-                for pretty in options.stdio:
-                    nursery.start_soon(self._serve_stdio, pretty)
+                    nursery.start_soon(self._admit, channel, monitor, True)
+                for pretty, role in options.stdio:
+                    nursery.start_soon(self._serve_stdio, pretty, role)
                 nursery.start_soon(self._watch_signals)
                 options.on_ready()
                 await self._quit.wait()
@@ -485,7 +487,8 @@ class Server:
             for connection in list(self.connections):
                 await connection.drain()
 
-    async def _accept_loop(self, listener: trio.SocketListener, path: str, pretty: bool) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, monitor: Listening) -> None:
+        path = monitor.path
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -500,12 +503,24 @@ class Server:
                     continue
                 fd = stream.socket.detach()  # the connection owns the fd from here on
                 channel = FdChannel(fd, fd, (fd,), self.hub)
-                nursery.start_soon(self._serve, channel, pretty, self._name(path))
+                nursery.start_soon(self._admit, channel, monitor, False)
 
-    async def _serve_stdio(self, pretty: bool) -> None:
+    async def _admit(self, channel: FdChannel, monitor: Listening, greeted: bool) -> None:
+        """Serve a client of MONITOR with its role; close it unseen if the socket's allow-uid
+        and allow-gid leave it out (the early greeter already did for those it greeted)."""
+        access, policy = monitor.access, self.options.access_policy
+        role: int | None = access.role
+        if access.filters or policy:
+            role = await trio.to_thread.run_sync(judge, channel.read_fd, access, policy)
+        if role is None:
+            channel.close()
+            return
+        await self._serve(channel, monitor.pretty, self._name(monitor.path), greeted, role)
+
+    async def _serve_stdio(self, pretty: bool, role: int) -> None:
         read_fd, write_fd = os.dup(0), os.dup(1)
         channel = FdChannel(read_fd, write_fd, (read_fd, write_fd), self.hub)
-        await self._serve(channel, pretty, "stdio")
+        await self._serve(channel, pretty, "stdio", role=role)
 
     def shed_input(self) -> None:
         """Over the input budget: the client holding the most input is told and closed."""
@@ -526,9 +541,11 @@ class Server:
         hog.close()
 
     async def _serve(
-        self, channel: FdChannel, pretty: bool, name: str, greeted: bool = False
+        self, channel: FdChannel, pretty: bool, name: str, greeted: bool = False,
+        role: int = ADMIN,
     ) -> None:
         connection = Connection(self, channel, pretty, name, greeted)
+        connection.context.role = role
         limit = self.options.limits.max_clients
         if len(self.connections) >= limit:
             log.warning("%s: refused: %d clients already (the limit)", name, limit)

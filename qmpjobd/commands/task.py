@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..access import OPERATOR
 from ..context import Context, handler
 from ..jobs.errors import JobError
+from ..qmp.errors import generic
+from ..tasks.errors import TaskError
 from ..tasks.model import DEFAULT_TYPE, Task
 from ..tasks.registry import (
     ABSENT,
@@ -30,8 +33,33 @@ def _after_commit(ctx: Context) -> None:
 
 async def _edit(ctx: Context, uuid: str, change: Callable[[Task], None]) -> None:
     """Names and other-config, which any task may have changed."""
+    await _own(ctx, uuid, "change")
     await ctx.tasks.registry.edit(uuid, change)
     _after_commit(ctx)
+
+
+async def _own(ctx: Context, uuid: str, what: str, jobs_too: bool = False) -> None:
+    """On an operator's connection: UUID must be a client's task its own uid created (or,
+    JOBS_TOO, a job's task), as XenAPI's task.destroy separates own from any. An admin may
+    touch every task; a task that does not exist gets the task layer's own error later."""
+    if ctx.role != OPERATOR:
+        return
+    registry = ctx.tasks.registry
+    task = registry.live.get(uuid)
+    if task is None:
+        try:
+            task = Task.from_info(await registry.get(uuid))
+        except TaskError:
+            return  # no such task: the command's own error says so
+    if task.job_id is not None:
+        if jobs_too:
+            return
+        raise generic(f"Task '{uuid}' is job '{task.job_id}''s: an operator may not {what} it")
+    uid = None if ctx.peer is None else ctx.peer[0]
+    if task.owner is None or task.owner[0] != uid:
+        who = "nobody known" if task.owner is None else f"uid {task.owner[0]}"
+        raise generic(f"Task '{uuid}' was created by {who}: an operator may {what} only the "
+                      "tasks its own uid created")
 
 
 @handler("query-tasks")
@@ -59,6 +87,7 @@ async def task_create(
 
 @handler("task-set-progress")
 async def task_set_progress(ctx: Context, *, uuid: str, progress: float) -> None:
+    await _own(ctx, uuid, "change")
     await ctx.tasks.registry.set_progress(uuid, progress)
     _after_commit(ctx)
 
@@ -67,6 +96,7 @@ async def task_set_progress(ctx: Context, *, uuid: str, progress: float) -> None
 async def task_set_result(
     ctx: Context, *, uuid: str, result: object = ABSENT, result_type: str | None = None
 ) -> None:
+    await _own(ctx, uuid, "change")
     await ctx.tasks.registry.set_result(uuid, result, result_type)
     _after_commit(ctx)
 
@@ -75,12 +105,14 @@ async def task_set_result(
 async def task_set_error_info(
     ctx: Context, *, uuid: str, error_info: list[str], error_code: int | None = None
 ) -> None:
+    await _own(ctx, uuid, "change")
     await ctx.tasks.registry.set_error_info(uuid, error_info, error_code)
     _after_commit(ctx)
 
 
 @handler("task-set-status")
 async def task_set_status(ctx: Context, *, uuid: str, status: str) -> None:
+    await _own(ctx, uuid, "change")
     await ctx.tasks.registry.set_client_status(uuid, status)
     _after_commit(ctx)
 
@@ -133,6 +165,7 @@ async def task_remove_from_other_config(ctx: Context, *, uuid: str, key: str) ->
 
 @handler("task-cancel")
 async def task_cancel(ctx: Context, *, uuid: str) -> None:
+    await _own(ctx, uuid, "cancel", jobs_too=True)  # as job-cancel, which operators may run
     tasks = ctx.tasks
     task = tasks.registry.live.get(uuid)
     if task is None:  # no such task (the error says so), or finished
@@ -153,6 +186,7 @@ async def task_cancel(ctx: Context, *, uuid: str) -> None:
 
 @handler("task-destroy")
 async def task_destroy(ctx: Context, *, uuid: str) -> None:
+    await _own(ctx, uuid, "destroy")
     await ctx.tasks.registry.destroy(uuid)
     _after_commit(ctx)
 

@@ -1,0 +1,250 @@
+"""Access roles: what a read-only, operator or admin monitor lets its clients run, query-commands
+listing just that, operators touching only their own tasks, sockets admitting peers by uid and
+gid (SO_PEERCRED), an access policy lowering a peer's role, socket file modes, and one-line
+errors for bad options. Peers of another uid are real processes run as nobody (root only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemons import QMPJOBD, QmpConnection, daemon_env, start_qmpjobd
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"
+as_nobody = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+                               reason="needs root, to run a peer as another uid")
+
+READ_ONLY_COMMANDS = {"qmp_capabilities", "task-watch", "task-unwatch"}
+
+# A peer of another uid: connects, negotiates, runs the commands given (JSON), prints each
+# reply; "closed" if the daemon closes the connection before its greeting.
+PEER = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+if not f.readline():
+    print("closed"); sys.exit()
+for line in ['{"execute": "qmp_capabilities"}', *sys.argv[2:]]:
+    f.write(line.encode() + b"\\n"); f.flush()
+    while "event" in (reply := json.loads(f.readline())):
+        pass
+    print(json.dumps(reply))
+"""
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter (a socket for peers of other uids goes there)."""
+    path = Path(tempfile.mkdtemp(prefix="qmpjobd-access-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def monitor_args(path: Path, role: str | None = None, **chardev: str) -> list[str]:
+    extra = "".join(f",{key.replace('_', '-')}={value}" for key, value in chardev.items())
+    monitor = "chardev=m1" + (f",role={role}" if role else "")
+    return ["--chardev", f"socket,id=m1,path={path},server=on,wait=off{extra}",
+            "--monitor", monitor]
+
+
+def ok(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    reply = conn.execute(command, arguments)
+    assert "return" in reply, reply
+    return reply["return"]
+
+
+def refused(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> str:
+    reply = conn.execute(command, arguments)
+    assert reply["error"]["class"] == "GenericError", reply
+    return str(reply["error"]["desc"])
+
+
+def connect(path: Path) -> QmpConnection:
+    conn = QmpConnection(path)
+    ok(conn, "qmp_capabilities")
+    return conn
+
+
+def as_peer(uid: int, path: Path, *commands: dict[str, Any]) -> list[Any]:
+    done = subprocess.run([SYSTEM_PYTHON, "-c", PEER, str(path),
+                           *(json.dumps(c) for c in commands)],
+                          user=uid, group=uid, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return [line if line == "closed" else json.loads(line) for line in done.stdout.splitlines()]
+
+
+def slow_backup(conn: QmpConnection) -> None:
+    for node in ("src", "dst"):
+        ok(conn, "blockdev-add", {"driver": "null-co", "node-name": node, "size": 64 << 20,
+                                  "read-zeroes": True})
+    ok(conn, "blockdev-backup", {"job-id": "j", "device": "src", "target": "dst",
+                                 "sync": "full", "speed": 1 << 20})
+
+
+def test_a_read_only_monitor_may_only_look(tmp_path: Path) -> None:
+    path = tmp_path / "ro.sock"
+    with start_qmpjobd(tmp_path, *monitor_args(path, "read-only")) as daemon, \
+            daemon.connect() as admin:
+        slow_backup(admin)
+        viewer = connect(path)
+        assert [job["id"] for job in ok(viewer, "query-jobs")] == ["j"]
+        ok(viewer, "task-watch")
+        assert refused(viewer, "job-pause", {"id": "j"}) == (
+            "Command 'job-pause' needs the role 'operator'; this connection's role is "
+            "'read-only'")
+        assert "needs the role 'admin'" in refused(viewer, "quit")
+        assert "needs the role 'admin'" in refused(viewer, "blockdev-del", {"node-name": "x"})
+        assert "needs the role 'operator'" in refused(viewer, "task-create",
+                                                      {"name-label": "x"})
+        listed = {c["name"] for c in ok(viewer, "query-commands")}
+        assert listed == READ_ONLY_COMMANDS | {
+            name for name in listed if name.startswith("query-")}
+        assert {"query-jobs", "query-tasks", "query-qmp-schema"} <= listed
+        # The schema describes everything; it grants nothing.
+        described = {e["name"] for e in ok(viewer, "query-qmp-schema")}
+        assert {"quit", "blockdev-add", "job-pause"} <= described
+        # The admin's monitor is as it was.
+        assert "quit" in {c["name"] for c in ok(admin, "query-commands")}
+        ok(admin, "job-cancel", {"id": "j"})
+        viewer.close()
+
+
+def test_an_operator_steers_jobs_and_its_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "op.sock"
+    with start_qmpjobd(tmp_path, *monitor_args(path, "operator")) as daemon, \
+            daemon.connect() as admin:
+        slow_backup(admin)
+        operator = connect(path)
+        ok(operator, "job-pause", {"id": "j"})
+        ok(operator, "job-resume", {"id": "j"})
+        ok(operator, "block-job-set-speed", {"device": "j", "speed": 2 << 20})
+        assert "needs the role 'admin'" in refused(operator, "blockdev-add", {
+            "driver": "null-co", "node-name": "n"})
+        assert "needs the role 'admin'" in refused(operator, "transaction", {"actions": []})
+        uuid = ok(operator, "task-create", {"name-label": "mine"})["uuid"]
+        ok(operator, "task-set-progress", {"uuid": uuid, "progress": 0.5})
+        ok(operator, "task-add-to-other-config", {"uuid": uuid, "key": "k", "value": "v"})
+        (job_task,) = ok(operator, "query-tasks", {"job-id": "j"})
+        assert "may not destroy it" in refused(operator, "task-destroy",
+                                               {"uuid": job_task["uuid"]})
+        ok(operator, "task-cancel", {"uuid": job_task["uuid"]})  # as job-cancel
+        ok(operator, "task-cancel", {"uuid": uuid})
+        listed = {c["name"] for c in ok(operator, "query-commands")}
+        assert {"job-pause", "block-job-set-speed", "task-create", "task-destroy",
+                "task-set-other-config", "query-jobs"} <= listed
+        assert not {"quit", "blockdev-add", "blockdev-backup", "transaction"} & listed
+        operator.close()
+
+
+@as_nobody
+def test_an_operator_may_not_touch_another_users_tasks(tmp_path: Path,
+                                                       shared_dir: Path) -> None:
+    path = shared_dir / "op.sock"
+    with start_qmpjobd(tmp_path, *monitor_args(path, "operator", mode="0666")) as daemon, \
+            daemon.connect() as admin:
+        _, created = as_peer(NOBODY, path, {"execute": "task-create",
+                                            "arguments": {"name-label": "nobody's"}})
+        uuid = created["return"]["uuid"]
+        operator = connect(path)  # root, on the operator monitor
+        for command, arguments in (("task-set-progress", {"progress": 0.5}),
+                                   ("task-set-name-label", {"name-label": "x"}),
+                                   ("task-cancel", {}), ("task-destroy", {})):
+            desc = refused(operator, command, {"uuid": uuid, **arguments})
+            assert f"created by uid {NOBODY}" in desc and "its own uid" in desc, desc
+        # Its owner may; so may an admin.
+        _, cancelled = as_peer(NOBODY, path, {"execute": "task-cancel",
+                                              "arguments": {"uuid": uuid}})
+        assert cancelled == {"return": {}}
+        ok(admin, "task-set-status", {"uuid": uuid, "status": "cancelled"})
+        ok(admin, "task-destroy", {"uuid": uuid})
+        operator.close()
+
+
+@as_nobody
+def test_a_socket_admits_only_the_peers_it_names(tmp_path: Path, shared_dir: Path) -> None:
+    path = shared_dir / "only-root.sock"
+    by_group = shared_dir / "by-group.sock"
+    extra = [*monitor_args(path, mode="0666", allow_uid="0:1"),
+             "--chardev", f"socket,id=m2,path={by_group},server=on,wait=off,mode=0666,"
+             f"allow-gid={NOBODY}", "--monitor", "chardev=m2"]
+    with start_qmpjobd(tmp_path, *extra):
+        assert as_peer(NOBODY, path, {"execute": "query-version"}) == ["closed"]
+        log = (tmp_path / "qmpjobd.log").read_text()
+        assert f"refused a client: uid {NOBODY}" in log
+        root = connect(path)  # uid 0 is named
+        ok(root, "query-version")
+        root.close()
+        (_, version) = as_peer(NOBODY, by_group, {"execute": "query-version"})
+        assert "return" in version
+
+
+@as_nobody
+def test_an_access_policy_lowers_a_peers_role(tmp_path: Path, shared_dir: Path) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({f"uid:{NOBODY}": "read-only", "gid:0": "admin"}))
+    path = shared_dir / "admin.sock"
+    with start_qmpjobd(tmp_path, "--access-policy", str(policy),
+                       *monitor_args(path, mode="0666")):
+        _, denied, listed = as_peer(NOBODY, path, {"execute": "quit"},
+                                    {"execute": "query-commands"})
+        assert denied["error"]["desc"] == (
+            "Command 'quit' needs the role 'admin'; this connection's role is 'read-only'")
+        assert "quit" not in {c["name"] for c in listed["return"]}
+        root = connect(path)  # named by neither rule: the monitor's own role
+        assert "quit" in {c["name"] for c in ok(root, "query-commands")}
+        root.close()
+    policy.write_text(json.dumps({f"gid:{NOBODY}": "operator"}))
+    with start_qmpjobd(tmp_path, "--access-policy", str(policy),
+                       *monitor_args(path, mode="0666")):
+        _, made, denied = as_peer(NOBODY, path, {"execute": "task-create",
+                                                 "arguments": {"name-label": "t"}},
+                                  {"execute": "quit"})
+        assert "return" in made
+        assert "this connection's role is 'operator'" in denied["error"]["desc"]
+
+
+def test_socket_files_are_private_unless_a_mode_says(tmp_path: Path) -> None:
+    shared = tmp_path / "shared.sock"
+    with start_qmpjobd(tmp_path, *monitor_args(shared, mode="0660")) as daemon:
+        assert stat.S_IMODE(daemon.socket_path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o660
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--chardev", "socket,id=m1,path=P,server=on,wait=off", "--monitor",
+      "chardev=m1,role=root"], "unknown role 'root' (read-only, operator or admin)"),
+    (["--chardev", "socket,id=m1,path=P,server=on,wait=off,allow-uid=me", "--monitor",
+      "chardev=m1"], "Parameter 'allow-uid' expects numeric ids separated by ':', not 'me'"),
+    (["--chardev", "socket,id=m1,path=P,server=on,wait=off,mode=999", "--monitor",
+      "chardev=m1"], "Parameter 'mode' expects an octal file mode, not '999'"),
+    (["--access-policy", "MISSING"], "MISSING: No such file or directory"),
+    (["--access-policy", "BAD"], "BAD: not JSON"),
+    (["--access-policy", "KEY"], "KEY: 'user:1' is not \"uid:N\" or \"gid:N\""),
+    (["--access-policy", "ROLE"], "ROLE: 'uid:1': unknown role 'boss'"),
+])
+def test_bad_access_options_are_one_line_errors(tmp_path: Path, options: list[str],
+                                                message: str) -> None:
+    files = {"BAD": "{", "KEY": '{"user:1": "admin"}', "ROLE": '{"uid:1": "boss"}'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    where = {**{name: str(tmp_path / name) for name in (*files, "MISSING")}}
+    argv = [where.get(o, o).replace("path=P", f"path={tmp_path / 'm1.sock'}")
+            for o in options]
+    done = subprocess.run([*QMPJOBD, "--socket", str(tmp_path / "q.sock"), *argv],
+                          capture_output=True, text=True, timeout=30, env=daemon_env(),
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "q.sock").exists()
