@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import PACKAGE, QMP_API_VERSION, __version__, paths
+from . import PACKAGE, QMP_API_VERSION, __version__, logs, paths, systemd
 from .access import AccessPolicy, MonitorAccess, role_named
 from .limits import Limits
 from .listen import EarlyGreeter, SocketInUse, bind_unix_socket, unlink_socket
@@ -69,6 +69,9 @@ class MonitorSpec:
     # Its role, and the peers its socket admits; the socket file's mode (0600 if None).
     access: MonitorAccess = field(default_factory=MonitorAccess)
     mode: int | None = None
+    # A socket the service manager passed (its index among them), used as it is: not bound
+    # here, not removed at exit.
+    passed: int | None = None
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Config:
     daemonize: bool = False
     log_level: str = "info"
     log_file: str | None = None
+    log_format: str = "text"
     schema: str = str(DEFAULT_SCHEMA)
     handler_modules: list[str] = field(default_factory=list)
     # The limits given on the command line (limits.py's field names), the rest default.
@@ -155,6 +159,8 @@ def _argument_parser() -> argparse.ArgumentParser:
         help="detach once every socket listens (the parent exits 0 then)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--log", metavar="FILE", help="log here instead of to stderr")
+    add("--log-format", default="text", choices=["text", "json"],
+        help="text lines, or one JSON object a line (time, level, event, client, job)")
     for name, unit, what in _LIMIT_OPTIONS:
         add(f"--{name.replace('_', '-')}", type=_count, metavar=unit, dest=name,
             help=f"{what} (default {getattr(Limits(), name)})")
@@ -215,11 +221,16 @@ _TASK_LIMIT_FIELDS = {"task_changes_kept": "changes_kept", "task_retention": "re
                       "max_tasks": "max_tasks", "max_pending_tasks": "max_pending"}
 
 
-def parse_command_line(argv: list[str]) -> Config:
+def parse_command_line(argv: list[str], passed: list[tuple[str, str]] | None = None) -> Config:
+    """The configuration ARGV asks for; PASSED: the sockets the service manager passed (each
+    one's name and where it listens), which `fd-name=` chardevs take, and which are the
+    monitors when no other is given."""
+    passed = passed or []
     args = _argument_parser().parse_args(argv)
     config = Config(
         pidfile=args.pidfile, daemonize=args.daemonize, log_level=args.log_level,
-        log_file=args.log, schema=args.schema, handler_modules=args.handlers,
+        log_file=args.log, log_format=args.log_format, schema=args.schema,
+        handler_modules=args.handlers,
         limits={name: getattr(args, name) for name, _, _ in _LIMIT_OPTIONS
                 if getattr(args, name) is not None},
         state_dir=args.state_dir,
@@ -236,7 +247,7 @@ def parse_command_line(argv: list[str]) -> Config:
     chardev_peers: dict[str, Chardev] = {}
     for text in args.chardev:
         try:
-            chardev = _chardev(text, chardevs)
+            chardev = _chardev(text, chardevs, passed)
         except UsageError as exc:
             raise UsageError(f"--chardev {text}: {exc}") from None
         chardevs[chardev.id] = chardev.path
@@ -253,10 +264,15 @@ def parse_command_line(argv: list[str]) -> Config:
         chardev = chardev_peers[chardev_id]
         access = MonitorAccess(role, chardev.allow_uids, chardev.allow_gids)
         config.monitors.append(MonitorSpec(chardevs[chardev_id], pretty, origin, access,
-                                           chardev.mode))
+                                           chardev.mode, chardev.passed))
     for path in args.socket:
         config.monitors.append(MonitorSpec(path, origin=f"--socket {path}"))
     config.blockdevs = args.blockdev
+    if not config.monitors and passed:
+        # Socket activation: every passed socket is a monitor with the default role.
+        config.monitors += [
+            MonitorSpec(path, origin=f"the passed socket '{name}'", passed=index)
+            for index, (name, path) in enumerate(passed)]
     if not config.monitors:
         config.monitors.append(MonitorSpec(default_socket_path()))
         config.default_socket = True
@@ -276,9 +292,11 @@ class Chardev:
     mode: int | None = None
     allow_uids: frozenset[int] | None = None
     allow_gids: frozenset[int] | None = None
+    passed: int | None = None  # fd-name=: the index of the passed socket it takes
 
 
-def _chardev(text: str, chardevs: dict[str, str | None]) -> Chardev:
+def _chardev(text: str, chardevs: dict[str, str | None], passed: list[tuple[str, str]]
+             ) -> Chardev:
     """A --chardev option."""
     options = parse_keyval(text, "backend")
     backend = options.pop("backend", None)
@@ -290,13 +308,27 @@ def _chardev(text: str, chardevs: dict[str, str | None]) -> Chardev:
     path: str | None = None
     mode = None
     uids = gids = None
+    index = None
     if backend == "socket":
         path = options.pop("path", None)
+        fd_name = options.pop("fd-name", None)
+        if fd_name is not None:
+            if path is not None:
+                raise UsageError("'path' and 'fd-name' exclude each other")
+            names = [name for name, _ in passed]
+            if fd_name not in names:
+                raise UsageError(f"no socket named '{fd_name}' was passed (LISTEN_FDNAMES: "
+                                 f"{', '.join(names) or 'none'})")
+            if names.count(fd_name) > 1:
+                raise UsageError(f"{names.count(fd_name)} passed sockets are named '{fd_name}'")
+            index = names.index(fd_name)
+            path = passed[index][1]
         if not path:
-            raise UsageError("only Unix sockets ('path=') are supported")
-        if not _flag(options, "server", False):
+            raise UsageError("only Unix sockets ('path=' or 'fd-name=') are supported")
+        # A passed socket listens already: server=on,wait=off go without saying.
+        if not _flag(options, "server", index is not None):
             raise UsageError("a monitor socket needs 'server=on'")
-        if _flag(options, "wait", True):
+        if _flag(options, "wait", index is None):
             raise UsageError("'wait=on' is not supported; use 'wait=off'")
         if "mode" in options:
             text_mode = options.pop("mode")
@@ -313,8 +345,10 @@ def _chardev(text: str, chardevs: dict[str, str | None]) -> Chardev:
         _flag(options, "signal", True)
     else:
         raise UsageError(f"unsupported chardev backend '{backend}'")
+    if index is not None and mode is not None:
+        raise UsageError("'mode' is the service manager's for a passed socket (SocketMode=)")
     _reject_rest(options)
-    return Chardev(chardev_id, path, mode, uids, gids)
+    return Chardev(chardev_id, path, mode, uids, gids, index)
 
 
 def _ids(options: dict[str, str], key: str) -> frozenset[int] | None:
@@ -383,7 +417,8 @@ def _setup_logging(config: Config) -> None:
         handler = logging.FileHandler(config.log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s qmpjobd %(levelname)s %(message)s"))
+    handler.setFormatter(logs.JsonFormatter() if config.log_format == "json"
+                         else logs.text_formatter())
     root = logging.getLogger("qmpjobd")
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
@@ -482,7 +517,13 @@ def _greeting(pretty: bool) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_command_line(sys.argv[1:] if argv is None else argv)
+        passed = systemd.inherited_sockets()
+    except systemd.ActivationError as exc:
+        print(f"qmpjobd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        config = parse_command_line(sys.argv[1:] if argv is None else argv,
+                                     [(name, systemd.socket_path(sock)) for name, sock in passed])
     except UsageError as exc:
         print(f"qmpjobd: {exc}", file=sys.stderr)
         return 2
@@ -496,8 +537,17 @@ def main(argv: list[str] | None = None) -> int:
     bound: list[tuple[socket.socket, MonitorSpec]] = []
     wrote_pidfile = False
     try:
+        used = {monitor.passed for monitor in config.monitors}
+        for index, (name, sock) in enumerate(passed):
+            if index not in used:
+                log.warning("the passed socket '%s' (%s) is not a monitor: closed", name,
+                            systemd.socket_path(sock))
+                sock.close()
         for monitor in config.monitors:
             if monitor.path is None:
+                continue
+            if monitor.passed is not None:
+                bound.append((passed[monitor.passed][1], monitor))
                 continue
             try:
                 bound.append((bind_unix_socket(monitor.path, monitor.mode), monitor))
@@ -536,7 +586,8 @@ def _raise_descriptor_limit() -> None:
 def _unbind(bound: list[tuple[socket.socket, MonitorSpec]]) -> None:
     for _, monitor in bound:
         assert monitor.path is not None
-        unlink_socket(monitor.path)
+        if monitor.passed is None:  # a passed socket's file is the service manager's
+            unlink_socket(monitor.path)
 
 
 def _serve(
@@ -568,11 +619,13 @@ def _serve(
         log.info("listening on %s", ", ".join(str(p) for p in paths) or "stdio")
         if ready_pipe is not None:
             _detach(ready_pipe)
+        systemd.notify("READY=1")
 
     options = ServerOptions(
         version=QMP_API_VERSION,
         package=PACKAGE,
-        listening=[Listening(sock, str(m.path), m.pretty, m.access) for sock, m in listeners],
+        listening=[Listening(sock, str(m.path), m.pretty, m.access, owned=m.passed is None)
+                   for sock, m in listeners],
         greeted=greeted,
         stdio=[(m.pretty, m.access.role) for m in config.monitors if m.path is None],
         access_policy=policy,

@@ -13,6 +13,7 @@ modules it is given, so that whoever builds the dispatcher says which modules se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -25,6 +26,8 @@ from .qapi.tables import Tables
 from .qmp.session import Session
 from .tasks.registry import TaskLimits
 from .tasks.service import TaskService, TaskWatch
+
+log = logging.getLogger("qmpjobd.jobs")
 
 Handler = Callable[..., Awaitable[object]]
 
@@ -82,6 +85,24 @@ class Daemon:
         self.tasks = TaskService(
             self.jobs, self.events, self.gate, self.state_dir, self.task_limits
         )
+        self.events.subscribe(self._log_job)
+
+    def _log_job(self, event: Event) -> None:
+        """At info: each job's start, and how it ended (its error), for the operator's log."""
+        data = event.message.get("data")
+        if event.name != "JOB_STATUS_CHANGE" or data is None:
+            return
+        status, job_id = data["status"], data["id"]
+        if status not in ("created", "concluded"):
+            return
+        job = self.jobs.get(job_id)
+        kind = job.job_type if job is not None else "?"
+        if status == "created":
+            log.info("job %s (%s) started", job_id, kind, extra={"job": job_id})
+        elif job is not None and job.error is not None:
+            log.info("job %s (%s) ended: %s", job_id, kind, job.error, extra={"job": job_id})
+        else:
+            log.info("job %s (%s) ended: success", job_id, kind, extra={"job": job_id})
 
 
 def _no_send(event: Event) -> None:

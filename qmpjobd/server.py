@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import systemd
 from .access import ADMIN, AccessPolicy, MonitorAccess
 from .context import Context, Daemon
 from .dispatch import Dispatcher
@@ -72,6 +73,7 @@ class Listening:
     path: str
     pretty: bool
     access: MonitorAccess = field(default_factory=MonitorAccess)
+    owned: bool = True  # bound here (its file removed at exit), not passed by systemd
 
 
 @dataclass
@@ -389,9 +391,12 @@ class Connection:
         try:
             value = await self.server.dispatcher.run(self.context, request)
         except QmpError as error:
+            log.debug("%s: %s: %s: %s", self.name, request.command, error.cls, error.desc,
+                      extra={"client": self.name})
             self.context.reply_after = 0
             self.send(session.error_reply(request.id, error))
         else:
+            log.debug("%s: %s: ok", self.name, request.command, extra={"client": self.name})
             commit, self.context.reply_after = self.context.reply_after, 0
             if commit:
                 self.send_after_commit(commit, session.reply(request, value))
@@ -447,6 +452,7 @@ class Server:
                 nursery.start_soon(self._watch_signals)
                 options.on_ready()
                 await self._quit.wait()
+                systemd.notify("STOPPING=1")
                 await self._stop_jobs()
                 await self.daemon.graph.close_all()
                 await self.daemon.tasks.close()
@@ -456,7 +462,8 @@ class Server:
             self.hub.close()
             for listener, monitor in zip(listeners, options.listening, strict=True):
                 await listener.aclose()
-                unlink_socket(monitor.path)
+                if monitor.owned:
+                    unlink_socket(monitor.path)
 
     def _name(self, path: str) -> str:
         self._counter += 1
@@ -548,7 +555,8 @@ class Server:
         connection.context.role = role
         limit = self.options.limits.max_clients
         if len(self.connections) >= limit:
-            log.warning("%s: refused: %d clients already (the limit)", name, limit)
+            log.warning("%s: refused: %d clients already (the limit)", name, limit,
+                        extra={"client": name})
             why = QmpError("GenericError", f"Too many clients: the daemon serves at most "
                            f"{limit} at once")
             tell(channel, connection.session.error_reply(NO_ID, why))
@@ -559,7 +567,9 @@ class Server:
             channel.close()
             return
         self.connections.add(connection)
-        log.debug("%s: connected", name)
+        peer = connection.context.peer
+        log.debug("%s: connected%s", name, "" if peer is None else
+                  f" (uid {peer[0]}, pid {peer[1]})", extra={"client": name})
         try:
             await connection.serve()
         except Exception:
@@ -570,4 +580,4 @@ class Server:
             connection.release_input()
             self.connections.discard(connection)
             channel.close()
-            log.debug("%s: disconnected", name)
+            log.debug("%s: disconnected", name, extra={"client": name})

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import select
 import selectors
 import signal
@@ -96,10 +97,14 @@ def wait_for_log(log: Path, done: Callable[[str], bool], timeout: float = WAIT) 
         os.close(fd)
 
 
+# The debug log's line for a new connection (with its peer's credentials on a socket).
+CONNECTED = re.compile(r": connected(?: \(uid \d+, pid \d+\))?\n")
+
+
 def still_connected(text: str) -> int:
     """Connections the daemon logged (debug) as connected and not yet as disconnected, which
     it does once the connection's tasks have all ended and its descriptor is closed."""
-    return text.count(": connected\n") - text.count(": disconnected\n")
+    return len(re.findall(CONNECTED, text)) - text.count(": disconnected\n")
 
 
 def messages(data: bytes) -> list[dict[str, Any]]:
@@ -504,12 +509,13 @@ def test_vanishing_and_slow_clients_leak_nothing(tmp_path: Path) -> None:
         text = wait_for_log(log, lambda text: still_connected(text) == 1)
         after = status(daemon.pid)
         workers_after = idle_workers(daemon.pid)
-        print(f"\n{text.count(': connected') - 7} hostile clients: fds {before['fds']} -> "
+        connects = len(re.findall(CONNECTED, text))
+        print(f"\n{connects - 7} hostile clients: fds {before['fds']} -> "
               f"{after['fds']}, threads {before['threads']} -> {after['threads']} "
               f"(idle trio workers {workers_before} -> {workers_after}), RSS "
               f"{before['VmRSS'] // 1024} -> {after['VmRSS'] // 1024} MiB; "
               f"{time.monotonic() - started:.1f} s")
-        assert text.count(": connected\n") == 7 + 4 * 50 + 50
+        assert connects == 7 + 4 * 50 + 50
         assert after["fds"] == before["fds"]
         # The main thread and at most PARSE_THREADS idle workers, which trio keeps for 10 s
         # after their last job (large messages are parsed in worker threads, server.py).
