@@ -394,17 +394,10 @@ def default_socket_path(tmp: str = "/tmp") -> str:
     try:
         os.mkdir(private, 0o700)
     except FileExistsError:
-        info = os.lstat(private)
-        # Someone else's directory, a symlink, or one others can write: not ours to trust.
-        if (
-            not os.path.isdir(private)
-            or os.path.islink(private)
-            or info.st_uid != os.getuid()
-            or info.st_mode & 0o077
-        ):
-            raise UsageError(
-                f"{private} exists but is not a private directory of this user"
-            ) from None
+        try:
+            paths.check_private(private)
+        except paths.NotPrivate as exc:
+            raise UsageError(str(exc)) from None
     return path
 
 

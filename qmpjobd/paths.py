@@ -15,6 +15,19 @@ def private_directory(tmp: str = "/tmp") -> str | None:
     return os.path.join(tmp, f"qmpjobd-{os.getuid()}")
 
 
+class NotPrivate(Exception):
+    """The default socket's private directory is there, but not this user's alone."""
+
+
+def check_private(directory: str) -> None:
+    """NotPrivate unless DIRECTORY is a directory of this user's that nobody else may write
+    (not a symlink): someone else's would let them stand in for the daemon."""
+    info = os.lstat(directory)
+    if (not os.path.isdir(directory) or os.path.islink(directory)
+            or info.st_uid != os.getuid() or info.st_mode & 0o077):
+        raise NotPrivate(f"{directory} exists but is not a private directory of this user")
+
+
 def default_socket_path(tmp: str = "/tmp") -> str:
     """$XDG_RUNTIME_DIR/qmpjobd.sock, else TMP/qmpjobd-$UID/qmp.sock."""
     private = private_directory(tmp)

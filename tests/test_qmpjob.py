@@ -4,18 +4,28 @@ failed, 2 usage or connection) and its one-line errors."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
+import random
 import re
 import select
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from qmpjobd.client import render
+from qmpjobd.client.main import byte_count
 from tests.daemons import DaemonProcess, QmpConnection, start_qmpjobd
+from tests.test_hostile_clients import wait_for_log
 
 QMPJOB = Path(sys.executable).parent / "qmpjob"  # the console script pyproject.toml declares
 SIZE = 64 << 20
@@ -148,8 +158,7 @@ def test_wait_ends_when_the_jobs_do(daemon: DaemonProcess, monitor: QmpConnectio
     waiter = start_qmpjob(daemon, "wait", "a", "b")
     ok(monitor, "block-job-set-speed", {"device": "a", "speed": 0})
     until_status(monitor, "a", "null")
-    with pytest.raises(subprocess.TimeoutExpired):
-        waiter.wait(0.5)  # b still runs (a bound on a wait that must not end, not a sleep)
+    # (Had the waiter ended with a, it would have ended 0, without b's outcome.)
     ok(monitor, "job-cancel", {"id": "b"})
     out, err = waiter.communicate(timeout=WAIT)
     assert waiter.returncode == 1
@@ -263,3 +272,135 @@ def test_one_shot_subcommands_load_neither_trio_nor_rich(daemon: DaemonProcess) 
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=WAIT, check=True)
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_lists_go_past_a_page_of_task_records(daemon: DaemonProcess,
+                                              monitor: QmpConnection) -> None:
+    for n in range(1001):  # the daemon answers a page of 1000 at a time
+        ok(monitor, "task-create", {"name-label": f"t{n}"})
+    assert len(qmpjob(daemon, "tasks", "--json").stdout.splitlines()) == 1001
+    assert len(qmpjob(daemon, "list", "--json").stdout.splitlines()) == 1001
+
+
+def test_a_concluded_job_shows_once_with_its_task(daemon: DaemonProcess,
+                                                  monitor: QmpConnection) -> None:
+    slow_backup(monitor, **{"auto-dismiss": False})
+    ok(monitor, "block-job-set-speed", {"device": "j", "speed": 0})
+    until_status(monitor, "j", "concluded")
+    (line,) = qmpjob(daemon, "list", "--json").stdout.splitlines()
+    found = json.loads(line)
+    assert (found["kind"], found["status"]) == ("job", "concluded")
+    assert found["uuid"] is not None and found["age"] is not None
+
+
+def test_interrupted_wait_and_views(tmp_path: Path) -> None:
+    with start_qmpjobd(tmp_path, "--log-level", "debug") as daemon, \
+            daemon.connect() as monitor:
+        uuid = ok(monitor, "task-create", {"name-label": "long"})["uuid"]
+        log = tmp_path / "qmpjobd.log"
+        waiter = start_qmpjob(daemon, "wait", uuid)
+        wait_for_log(log, lambda text: "task-watch: ok" in text)
+        waiter.send_signal(signal.SIGINT)
+        assert waiter.communicate(timeout=WAIT) == ("", "")
+        assert waiter.returncode == 130  # given up: not done
+        tail = start_qmpjob(daemon, "events")
+        assert tail.stdout is not None
+        slow_backup(monitor)  # (the tail may miss the first events, not all of them)
+        ok(monitor, "job-pause", {"id": "j"})
+        until_status(monitor, "j", "paused")
+        while True:  # until the tail has printed something, it may not be listening yet
+            ok(monitor, "job-resume", {"id": "j"})
+            until_status(monitor, "j", "running")
+            ready, _, _ = select.select([tail.stdout], [], [], 0.1)
+            if ready:
+                break
+            ok(monitor, "job-pause", {"id": "j"})
+            until_status(monitor, "j", "paused")
+        tail.send_signal(signal.SIGINT)
+        _, err = tail.communicate(timeout=WAIT)
+        assert (tail.returncode, err) == (0, "")  # a view ended by its reader: done
+        ok(monitor, "job-cancel", {"id": "j"})
+
+
+def test_a_daemon_that_goes_away_is_a_one_line_error(tmp_path: Path) -> None:
+    with start_qmpjobd(tmp_path, "--log-level", "debug") as daemon:
+        with daemon.connect() as monitor:
+            uuid = ok(monitor, "task-create", {"name-label": "long"})["uuid"]
+        waiter = start_qmpjob(daemon, "wait", uuid)
+        wait_for_log(tmp_path / "qmpjobd.log", lambda text: "task-watch: ok" in text)
+        # Killed: no goodbye (a quit would first end the task, and the waiter with it).
+        daemon.wait(signal.SIGKILL)
+        out, err = waiter.communicate(timeout=WAIT)
+        assert (waiter.returncode, out) == (2, "")
+        assert err.count("\n") == 1 and "closed the connection" in err
+
+
+def test_a_reply_not_shaped_as_the_schema_says(tmp_path: Path) -> None:
+    """A fake daemon whose query-jobs returns an object: one line, exit 2, no traceback."""
+    path = tmp_path / "fake.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as f:
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+            f.flush()
+            while line := f.readline():
+                request = json.loads(line)
+                value: object = {"bad": 1} if request["execute"] == "query-jobs" else {}
+                f.write(json.dumps({"return": value, "id": request["id"]}).encode() + b"\r\n")
+                f.flush()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    done = subprocess.run([str(QMPJOB), "-s", str(path), "list"], capture_output=True,
+                          text=True, timeout=WAIT)
+    thread.join(WAIT)
+    server.close()
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("qmpjob: unexpected reply from the daemon (")
+    assert done.stderr.count("\n") == 1
+
+
+def test_against_qemu_storage_daemon_list_shows_its_jobs(tmp_path: Path) -> None:
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("needs qemu-storage-daemon")
+    second = tmp_path / "second.sock"  # QSD serves one client per monitor socket
+    with DaemonProcess.start(tmp_path, "--chardev", f"socket,id=m1,path={second},server=on,"
+                             "wait=off", "--monitor", "chardev=m1") as qsd, \
+            qsd.connect() as monitor:
+        slow_backup(monitor)
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(QMPJOB), "-s", str(second), *args],
+                                  capture_output=True, text=True, timeout=WAIT)
+
+        (line,) = run("list", "--json").stdout.splitlines()
+        found = json.loads(line)
+        assert (found["id"], found["type"], found["status"]) == ("j", "backup", "running")
+        assert found["uuid"] is None and found["speed-limit"] == 1 << 20
+        one_line_error(run("wait", "j"), 1, "needs the daemon's task records")
+        assert run("pause", "j").returncode == 0
+        until_status(monitor, "j", "paused")
+        ok(monitor, "job-cancel", {"id": "j"})
+
+
+def test_times_and_byte_counts() -> None:
+    rnd = random.Random(7)
+    for _ in range(2000):
+        moment = rnd.uniform(-5e9, 1.6e10)
+        stamp = datetime.datetime.fromtimestamp(moment, datetime.UTC)
+        if stamp.year < 1000:
+            continue
+        text = stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert render.parse_time(text) == pytest.approx(moment, abs=1e-5), text
+    for bad in (None, 5, "", "2026-12-07T03:12:42.5", "2026-12-07T03:12:nanZ",
+                "2026-12-07T03:12:infZ", "yyyy-12-07T03:12:42.000000Z"):
+        assert render.parse_time(bad) is None  # type: ignore[arg-type]
+    assert [byte_count(text) for text in ("0", "512", "512k", "64M", "1G", "2t")] == [
+        0, 512, 512 << 10, 64 << 20, 1 << 30, 2 << 40]
+    for bad in ("", "-1", "1.5M", "fast", "M"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            byte_count(bad)

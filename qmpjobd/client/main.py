@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -32,15 +33,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any, NoReturn
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PAGE = 1000  # task records asked for at a time
 FINISHED = frozenset({"success", "failure", "cancelled"})
 VERBS = {"pause": "job-pause", "resume": "job-resume", "cancel": "job-cancel",
          "complete": "job-complete", "finalize": "job-finalize", "dismiss": "job-dismiss"}
 SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-class UsageError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,19 +97,40 @@ def byte_count(text: str) -> int:
 
 # -- list ----------------------------------------------------------------------------------------
 
+def query_tasks(conn: Connection, query: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every task record QUERY matches, page after page (the daemon gives at most PAGE at a
+    time); none from a daemon without task records (qemu-storage-daemon: jobs only)."""
+    found: list[dict[str, Any]] = []
+    page: dict[str, Any] = {**query, "limit": PAGE}
+    while True:
+        try:
+            batch = conn.execute("query-tasks", page)
+        except CommandFailed as e:
+            if e.cls == "CommandNotFound":
+                return found
+            raise
+        found += batch
+        if len(batch) < PAGE:
+            return found
+        page["after"] = batch[-1]["uuid"]
+
+
 def rows(conn: Connection, everything: bool) -> list[dict[str, Any]]:
     """The jobs and the task records to show: one entry each (a job's task with its job)."""
     now = time.time()
     jobs = conn.execute("query-jobs")
     limits = {job["device"]: job.get("speed", 0)
               for job in (conn.execute("query-block-jobs") if jobs else [])}
-    query = {} if everything else {"status": ["pending", "cancelling"]}
-    tasks = conn.execute("query-tasks", query)
+    tasks = query_tasks(conn, {} if everything else {"status": ["pending", "cancelling"]})
     # Newest first: a job id's first task is its job's (an id may have been used before).
     by_job: dict[str, dict[str, Any]] = {}
     for task in tasks:
         if "job-id" in task:
             by_job.setdefault(task["job-id"], task)
+    for job in jobs:  # ended, not dismissed yet: its task is finished
+        if job["id"] not in by_job:
+            for task in query_tasks(conn, {"job-id": job["id"]})[:1]:
+                by_job[job["id"]] = task
     shown: set[str] = set()
     out = []
     for job in jobs:
@@ -199,7 +218,13 @@ class Outcomes:
     watch started before they were looked up (a change after the look is never missed)."""
 
     def __init__(self, conn: Connection, idents: Sequence[str]) -> None:
-        conn.execute("task-watch")
+        try:
+            conn.execute("task-watch")
+        except CommandFailed as e:
+            if e.cls != "CommandNotFound":
+                raise
+            raise CommandFailed(e.cls, "waiting for jobs needs the daemon's task records, and "
+                                "this one has none (no task-watch)") from None
         self.waiting: dict[str, str] = {}  # uuid -> the ID it was asked by
         self.failures: list[str] = []
         self.tasks: dict[str, tuple[str, dict[str, Any]]] = {}  # uuid -> ID, latest record
@@ -302,7 +327,7 @@ def do_tasks(conn: Connection, args: argparse.Namespace) -> int:
         query["type"] = args.type
     if args.label is not None:
         query["name-label"] = args.label
-    found = conn.execute("query-tasks", query)
+    found = query_tasks(conn, query)
     if args.json:
         for task in found:
             print(json.dumps(task))
@@ -366,20 +391,32 @@ COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    path = args.socket or paths.default_socket_path()
+    path = args.socket
     try:
+        if path is None:
+            path = paths.default_socket_path()
+            private = paths.private_directory()
+            if private is not None and os.path.lexists(private):
+                paths.check_private(private)  # else another user could stand in for it
         with Connection(path) as conn:
             return COMMANDS[args.command](conn, args)
     except CommandFailed as e:
         what = " ".join([args.command, *([args.id] if "id" in args else [])])
         print(f"qmpjob: {what}: {e.desc}", file=sys.stderr)
         return EXIT_REFUSED
-    except (ConnectFailed, ProtocolError, UsageError) as e:
+    except (ConnectFailed, ProtocolError, paths.NotPrivate) as e:
         print(f"qmpjob: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # A reply not shaped as the schema says: not a daemon this client can read.
+        print(f"qmpjob: unexpected reply from the daemon ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        # The user ended a view (events, watch): done; a wait they gave up on: not.
-        return EXIT_USAGE if args.command == "wait" else EXIT_OK
+        # The user ended a view that has no end of its own (events, watch of everything):
+        # done. Anything else they gave up on: not done (the shell's 128 + SIGINT).
+        views = args.command == "events" or (args.command == "watch" and not args.ids)
+        return EXIT_OK if views else EXIT_INTERRUPTED
     except BrokenPipeError:  # the output's reader went away (qmpjob events | head)
         sys.stderr.close()
         return EXIT_OK

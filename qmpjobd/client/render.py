@@ -15,13 +15,16 @@ BAR_WIDTH = 20
 def parse_time(text: str | None) -> float | None:
     """Seconds since the epoch of a task record's time: 2026-12-07T02:57:14.781020Z, as the
     daemon writes them (read by hand: datetime would cost a one-shot client 2 ms to load)."""
-    if not text or len(text) < 20 or text[-1] != "Z":
+    if not isinstance(text, str) or len(text) < 20 or text[-1] != "Z":
         return None
     try:
         year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
-        clock = int(text[11:13]) * 3600 + int(text[14:16]) * 60 + float(text[17:-1])
+        second = float(text[17:-1])
     except ValueError:
         return None
+    if not 0 <= second < 61:  # (and not nan)
+        return None
+    clock = int(text[11:13]) * 3600 + int(text[14:16]) * 60 + second
     # Days since 1970-01-01 of a proleptic Gregorian date (years counted from March).
     year -= month <= 2
     era, of_era = divmod(year, 400)

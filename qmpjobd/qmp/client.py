@@ -92,6 +92,8 @@ def reply_value(reply: dict[str, Any]) -> Any:
     """A reply's return value; its error raised as CommandFailed."""
     if "error" in reply:
         error = reply["error"]
+        if not isinstance(error, dict):
+            raise ProtocolError(f"an error reply that is not an object: {reply!r}")
         raise CommandFailed(str(error.get("class", "GenericError")), str(error.get("desc", "")))
     if "return" not in reply:
         raise ProtocolError(f"a reply without 'return' or 'error': {reply!r}")
