@@ -29,11 +29,14 @@ def role_named(name: str) -> int:
         raise ValueError(f"unknown role '{name}' (read-only, operator or admin)") from None
 
 
-def minimum_role(command: str, features: Iterable[str] = ()) -> int:
-    """The least role that may run COMMAND."""
+def minimum_role(command: str, features: Iterable[str] = (), builtin: bool = True) -> int:
+    """The least role that may run COMMAND: its feature's, else for a built-in command the
+    table's, for a user's command admin."""
     for feature in features:
         if feature in _FEATURES:
             return _FEATURES[feature]
+    if not builtin:
+        return ADMIN
     if command in _READ_ONLY_COMMANDS or command.startswith("query-"):
         return READ_ONLY
     if command.startswith("job-") and command[4:] in _JOB_VERBS:

@@ -19,6 +19,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from . import PACKAGE, QMP_API_VERSION, __version__, logs, paths, systemd
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 # Only what parsing the command line and binding the sockets needs is imported up front; trio,
 # the schema compiler and the handlers load while early clients already have their greeting.
 
-DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / "schema" / "qapi-schema.json"
+# The product's schema, inside the package (qmpjobd/schema is the repository's schema/, which
+# the wheel carries along), so that --schema works from any install.
+DEFAULT_SCHEMA = (Path(__file__).resolve().parent / "schema" / "qapi-schema.json").resolve()
+HANDLERS_GROUP = "qmpjobd.handlers"
 # The build conditions the schema's 'if' conditions are evaluated under: those of the
 # qemu-storage-daemon qmpjobd stands in for (Debian bookworm's 7.2), so that conditional members
 # and values (BlockdevOptionsFile's drop-cache, BlockdevAioOptions' io_uring, ...) are there
@@ -83,7 +87,9 @@ class Config:
     log_level: str = "info"
     log_file: str | None = None
     log_format: str = "text"
-    schema: str = str(DEFAULT_SCHEMA)
+    # The users' QAPI files, compiled as if qapi-schema.json included them, and the modules
+    # with their handlers and job kinds.
+    schema_files: list[str] = field(default_factory=list)
     handler_modules: list[str] = field(default_factory=list)
     # The limits given on the command line (limits.py's field names), the rest default.
     limits: dict[str, int] = field(default_factory=dict)
@@ -170,9 +176,12 @@ def _argument_parser() -> argparse.ArgumentParser:
         add(f"--{name.replace('_', '-')}", type=type_, metavar=unit, dest=name, help=what)
     add("--version", action="version", version=f"qmpjobd {__version__} (QMP of QEMU "
         f"{'.'.join(map(str, QMP_API_VERSION))})")
-    # For the test suite: another schema, and modules with handlers for its extra commands.
-    add("--schema", default=str(DEFAULT_SCHEMA), help=argparse.SUPPRESS)
-    add("--handlers", action="append", default=[], help=argparse.SUPPRESS)
+    add("--schema", action="append", default=[], metavar="FILE", help="a QAPI schema file of "
+        "your own commands, events and types, compiled as if qapi-schema.json included it (it "
+        "may use the built-in types); repeatable")
+    add("--handlers", action="append", default=[], metavar="MODULE", help="a Python module "
+        "with the handlers (and job kinds) of those commands; repeatable. Installed packages "
+        "name theirs in the entry-point group 'qmpjobd.handlers' (docs/extending.md)")
     return parser
 
 
@@ -229,7 +238,7 @@ def parse_command_line(argv: list[str], passed: list[tuple[str, str]] | None = N
     args = _argument_parser().parse_args(argv)
     config = Config(
         pidfile=args.pidfile, daemonize=args.daemonize, log_level=args.log_level,
-        log_file=args.log, log_format=args.log_format, schema=args.schema,
+        log_file=args.log, log_format=args.log_format, schema_files=args.schema,
         handler_modules=args.handlers,
         limits={name: getattr(args, name) for name, _, _ in _LIMIT_OPTIONS
                 if getattr(args, name) is not None},
@@ -425,27 +434,131 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
     from .qapi.tables import build_tables
 
     modules = list(MODULES)
-    for name in config.handler_modules:
-        try:
-            modules.append(importlib.import_module(name))
-        except Exception as exc:  # ImportError, or whatever the module raised as it loaded
-            raise StartupError(f"--handlers {name}: cannot import: {exc}") from None
+    users = _user_modules(config)
+    modules += users
+    # Files the modules name (SCHEMA: a path, or a list of them, next to the module).
+    schema_files = list(config.schema_files)
+    for module in users:
+        for path in _module_schema(module):
+            if path not in schema_files:
+                schema_files.append(path)
     try:
-        schema = load_schema(config.schema)
-    except (QapiError, OSError) as exc:
-        if config.schema == str(DEFAULT_SCHEMA):
+        schema = load_schema(str(DEFAULT_SCHEMA), schema_files)
+    except QapiError as exc:
+        if not schema_files:
             raise
-        raise StartupError(f"--schema {config.schema}: {exc}") from None
+        if exc.info is None:  # a file that cannot be read: the option names it
+            raise StartupError(f"--schema {' '.join(schema_files)}: {exc}") from None
+        raise StartupError(str(exc)) from None  # (it names the file and line)
+    except OSError as exc:
+        raise StartupError(f"--schema: {exc}") from None
+    kinds = _job_kinds(users)
+    if kinds:
+        schema.add_enum_values("JobType", kinds)
     tables = build_tables(schema, SCHEMA_DEFINES)
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
-    dispatcher = Dispatcher(tables, handlers_in(modules), check_replies=check)
+    product = os.path.dirname(str(DEFAULT_SCHEMA))
+    users_commands = frozenset(
+        name for name in tables.commands
+        if (found := schema.lookup(name)) is not None and found.info is not None
+        and os.path.dirname(os.path.realpath(found.info.fname)) != product)
+    dispatcher = Dispatcher(tables, handlers_in(modules), check_replies=check,
+                            user_commands=users_commands)
     daemon = _daemon(config, tables)
+    daemon.command_roles = dispatcher.roles
     limits = Limits(**config.limits)
     daemon.jobs.max_jobs = limits.max_jobs
     daemon.graph.max_nodes = limits.max_nodes
     for text in config.blockdevs:
         _add_blockdev(daemon, text)
     return daemon, dispatcher
+
+
+def _user_modules(config: Config) -> list[ModuleType]:
+    """The modules of --handlers, then those the installed packages name in the entry-point
+    group qmpjobd.handlers."""
+    from .dispatch import StartupError
+
+    found = []
+    for name in config.handler_modules:
+        try:
+            found.append(importlib.import_module(name))
+        except Exception as exc:  # ImportError, or whatever the module raised as it loaded
+            raise StartupError(f"--handlers {name}: cannot import: {exc}") from None
+    for name, value in entry_points(HANDLERS_GROUP):
+        module_name, _, attribute = value.partition(":")
+        try:
+            loaded = importlib.import_module(module_name.strip())
+            if attribute:
+                loaded = getattr(loaded, attribute.strip())
+        except Exception as exc:
+            raise StartupError(f"entry point {name} ({value}) of {HANDLERS_GROUP}: cannot "
+                               f"load: {exc}") from None
+        if not isinstance(loaded, ModuleType):
+            raise StartupError(f"entry point {name} of {HANDLERS_GROUP}: {value} is not a "
+                               "module")
+        if loaded not in found:
+            found.append(loaded)
+    return found
+
+
+def entry_points(group: str) -> list[tuple[str, str]]:
+    """(name, value) of each entry point in GROUP of the distributions on sys.path, the first
+    of a name winning: what importlib.metadata finds, without its 50 ms of start-up (it reads
+    every distribution's metadata; this reads the entry_points.txt files only)."""
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for directory in sys.path:
+        try:
+            entries = sorted(os.scandir(directory or "."), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.endswith((".dist-info", ".egg-info")):
+                continue
+            distribution = entry.name.rsplit(".", 1)[0].split("-")[0].lower().replace("_", "-")
+            if distribution in seen:
+                continue
+            seen.add(distribution)
+            try:
+                with open(os.path.join(entry.path, "entry_points.txt"), encoding="utf-8") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            section = None
+            for line in text.splitlines():
+                line = line.strip()
+                if line.startswith("[") and line.endswith("]"):
+                    section = line[1:-1].strip()
+                elif section == group and "=" in line and not line.startswith(("#", ";")):
+                    name, _, value = line.partition("=")
+                    found.append((name.strip(), value.strip()))
+    return found
+
+
+def _module_schema(module: ModuleType) -> list[str]:
+    """The schema files a handler module names (its SCHEMA: one path or several, relative to
+    the module's own directory)."""
+    named = getattr(module, "SCHEMA", None)
+    if named is None:
+        return []
+    paths_named = [named] if isinstance(named, str | os.PathLike) else list(named)
+    base = os.path.dirname(getattr(module, "__file__", None) or ".")
+    return [os.path.join(base, os.fspath(path)) for path in paths_named]
+
+
+def _job_kinds(modules: list[ModuleType]) -> list[str]:
+    """The job types of the users' job kinds (qmpjobd.api.Job subclasses), which JobType
+    gains."""
+    from .jobs.job import Job
+
+    kinds: list[str] = []
+    for module in modules:
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, Job) and value.job_type
+                    and value.__module__ == module.__name__ and value.job_type not in kinds):
+                kinds.append(value.job_type)
+    return kinds
 
 
 def _daemon(config: Config, tables: Tables) -> Daemon:

@@ -78,6 +78,8 @@ class Daemon:
     tasks: TaskService = field(init=False)
     # Set by `quit`; the server watches it.
     quit_requested: Callable[[], None] = lambda: None
+    # The least role each command needs (the dispatcher's; query-commands lists by it).
+    command_roles: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.jobs = JobManager(self.events.emit)

@@ -34,8 +34,10 @@ class StartupError(Exception):
 
 class Dispatcher:
     def __init__(
-        self, tables: Tables, handlers: dict[str, Handler], *, check_replies: bool = False
+        self, tables: Tables, handlers: dict[str, Handler], *, check_replies: bool = False,
+        user_commands: frozenset[str] = frozenset(),
     ) -> None:
+        """USER_COMMANDS: those of the users' schema files (admin's unless a feature says)."""
         self.tables = tables
         self.check_replies = check_replies
         _check_pairing(tables, handlers)
@@ -49,7 +51,8 @@ class Dispatcher:
         }
         # The least role that may run each command.
         self.roles: dict[str, int] = {
-            name: minimum_role(name, entry.features) for name, entry in tables.commands.items()
+            name: minimum_role(name, entry.features, name not in user_commands)
+            for name, entry in tables.commands.items()
         }
 
     async def run(self, ctx: Context, request: Request) -> object:
@@ -83,12 +86,26 @@ class Dispatcher:
         return result
 
 
+def _where(fn: Handler) -> str:
+    """FILE:LINE of a handler's definition."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return repr(fn)
+    return f"{code.co_filename}:{code.co_firstlineno}"
+
+
 def _check_pairing(tables: Tables, handlers: dict[str, Handler]) -> None:
+    """StartupError naming, for each mismatch, the file and line it is at: a schema command
+    without a handler (the schema's line), a handler without a command or one that cannot
+    take an argument of its command (the handler's line)."""
     problems = []
     for name in tables.commands.keys() - handlers.keys():
-        problems.append(f"command {name} has no handler")
+        command = tables.schema.lookup(name)
+        where = command.info.loc() if command is not None and command.info else "the schema"
+        problems.append(f"{where}: command {name} has no handler")
     for name in handlers.keys() - tables.commands.keys():
-        problems.append(f"handler for {name}, which is not in the schema")
+        problems.append(f"{_where(handlers[name])}: handler for {name}, which is not in the "
+                        "schema")
     for name, entry in tables.commands.items():
         fn = handlers.get(name)
         if fn is None or entry.boxed:
@@ -100,6 +117,7 @@ def _check_pairing(tables: Tables, handlers: dict[str, Handler]) -> None:
         takes_rest = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
         for member in members:
             if not takes_rest and python_name(member.name) not in parameters:
-                problems.append(f"handler for {name} cannot take argument {member.name!r}")
+                problems.append(f"{_where(fn)}: handler for {name} cannot take argument "
+                                f"{member.name!r}")
     if problems:
         raise StartupError("schema and handlers disagree: " + "; ".join(sorted(problems)))

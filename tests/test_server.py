@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpjobd.cli import SCHEMA_DEFINES
+from qmpjobd.cli import DEFAULT_SCHEMA, SCHEMA_DEFINES
 from qmpjobd.qapi import load_schema
 from qmpjobd.qapi.tables import build_tables
 from tests.conftest import REPO
@@ -56,7 +56,8 @@ def test_greeting_and_negotiation(ours: DaemonProcess) -> None:
 
 
 def test_control_commands(ours: DaemonProcess) -> None:
-    tables = build_tables(load_schema(str(TEST_SCHEMA)), SCHEMA_DEFINES)
+    # As the daemon loads it: the product's schema, then the test file as if included last.
+    tables = build_tables(load_schema(str(DEFAULT_SCHEMA), [str(TEST_SCHEMA)]), SCHEMA_DEFINES)
     with ours.connect() as conn:
         assert conn.execute("query-version") == {"return": {
             "qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "qmpjobd 0.1.0"}}

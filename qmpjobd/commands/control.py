@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import PACKAGE, QMP_API_VERSION
-from ..access import minimum_role
 from ..context import Context, handler
 
 
@@ -26,8 +25,9 @@ async def query_commands(ctx: Context) -> list[dict[str, str]]:
     # QEMU lists the most recently registered command first: the schema's order, reversed.
     # What this connection's role does not let it run is left out (query-qmp-schema describes
     # everything: it does not grant).
-    return [{"name": name} for name, entry in reversed(list(ctx.daemon.tables.commands.items()))
-            if minimum_role(name, entry.features) <= ctx.role]
+    roles = ctx.daemon.command_roles
+    return [{"name": name} for name in reversed(list(ctx.daemon.tables.commands))
+            if roles.get(name, 0) <= ctx.role]
 
 
 @handler("query-qmp-schema")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .doc import Doc, DocSyntaxError
@@ -338,13 +339,22 @@ def _reject_dangling_doc(doc: Doc | None) -> None:
         )
 
 
-def parse_schema(fname: str) -> tuple[ParseResult, Pragma]:
-    """Parse FNAME and everything it includes, in order, each file once."""
+def parse_schema(fname: str, extra: Sequence[str] = ()) -> tuple[ParseResult, Pragma]:
+    """Parse FNAME and everything it includes, in order, each file once; then each EXTRA
+    file as if FNAME's last line included it (qmpjobd's users' schema files: their messages
+    name their own file, not an include chain)."""
     pragma = Pragma()
     result = ParseResult()
-    try:
-        root = _FileParser(fname, None, pragma, set(), result)
-    except OSError as exc:
-        raise QapiError(None, f"can't read schema file '{fname}': {exc.strerror}") from None
-    root.parse()
+    included: set[str] = set()
+    for n, path in enumerate([fname, *extra]):
+        if n:
+            # Listed as an include of the root, for the module order introspection follows.
+            result.exprs.append(TopLevel({"include": path}, SourceInfo(path, 1, None, pragma)))
+            if os.path.abspath(path) in included:
+                continue
+        try:
+            parser = _FileParser(path, None, pragma, included, result)
+        except OSError as exc:
+            raise QapiError(None, f"can't read schema file '{path}': {exc.strerror}") from None
+        parser.parse()
     return result, pragma

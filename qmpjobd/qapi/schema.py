@@ -10,7 +10,7 @@ Conditions (`if`) are kept, not applied: `Cond.holds(defines)` answers them for 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from .doc import Doc
@@ -687,6 +687,20 @@ class Schema:
             if entity.doc is not None:
                 entity.doc.check_connected()
 
+    def add_enum_values(self, name: str, values: Sequence[str]) -> None:
+        """VALUES added to the enum NAME, after its own (qmpjobd's users' job kinds join
+        JobType so that query-jobs may name them)."""
+        enum = self.lookup_type(name)
+        if not isinstance(enum, EnumType):
+            raise ValueError(f"{name} is not an enum")
+        known = {value.name for value in enum.values}
+        for value_name in values:
+            if value_name not in known:
+                value = EnumValue(value_name, None)
+                value.defined_in = name
+                enum.values.append(value)
+                known.add(value_name)
+
     # -- lookups -------------------------------------------------------------------------
 
     def lookup(self, name: str) -> Entity | None:
@@ -873,8 +887,9 @@ def _dicts(items: object) -> list[dict[str, object]]:
     return [item for item in items if isinstance(item, dict)]
 
 
-def load_schema(fname: str) -> Schema:
-    """Parse and check the schema rooted at FNAME; raise QapiError if it is invalid."""
-    result, pragma = parse_schema(fname)
+def load_schema(fname: str, extra: Sequence[str] = ()) -> Schema:
+    """Parse and check the schema rooted at FNAME, with the EXTRA files as if FNAME included
+    them last; raise QapiError if it is invalid."""
+    result, pragma = parse_schema(fname, extra)
     check_exprs(result.exprs)
     return Schema(fname, result.exprs, result.docs, pragma)

@@ -1,0 +1,74 @@
+"""qmpjobd-checksum: the x-checksum command and its job kind, a SHA-256 of a block node.
+
+Run it with `qmpjobd --handlers qmpjobd_checksum` (this directory's parent on PYTHONPATH), or
+install it (`pip install examples/checksum`): its entry point in the group qmpjobd.handlers
+makes every qmpjobd of that environment load it. SCHEMA names the QAPI file the daemon adds to
+its own schema. docs/extending.md explains each part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import trio
+
+from qmpjobd.api import Context, Emit, Job, JobFailed, Node, handler, start_job
+
+SCHEMA = "checksum.json"  # next to this file
+CHUNK = 1 << 20  # bytes read at a time: a pause, a cancel or a new speed waits at most this
+
+
+class Checksum(Job):
+    """Reads NODE front to back and hashes it. The node cannot be deleted meanwhile (it is the
+    source of a job, as a backup's source is)."""
+
+    job_type = "x-checksum"
+
+    def __init__(self, job_id: str, emit: Emit, node: Node, **options: bool) -> None:
+        super().__init__(job_id, emit, **options)
+        self.node = node
+        self.digest = hashlib.sha256()
+        node.source_of.append(self.job_type)
+        self._holding = True
+
+    async def run(self) -> None:
+        size = self.node.size
+        self.progress_total = size
+        for offset in range(0, size, CHUNK):
+            await self.pause_point()  # a pause takes effect here, a cancel ends the job
+            length = min(CHUNK, size - offset)
+            try:
+                # Reading and hashing in a worker thread: the daemon answers meanwhile.
+                await trio.to_thread.run_sync(self._hash, offset, length)
+            except OSError as e:
+                raise JobFailed(f"Could not read {self.node.name} at {offset}: "
+                                f"{e.strerror}") from None
+            self.charge(length)
+            await self.ratelimit_sleep()
+
+    def _hash(self, offset: int, length: int) -> None:
+        data = self.node.read_sync(offset, length)
+        self.digest.update(bytes(length) if data is None else data)
+
+    def result(self) -> dict[str, Any] | None:
+        return {"sha256": self.digest.hexdigest(), "bytes": self.progress_current}
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.node.source_of.remove(self.job_type)
+
+    def commit(self) -> None:
+        self._release()
+
+    def abort(self) -> None:
+        self._release()
+
+
+@handler("x-checksum")
+async def x_checksum(ctx: Context, *, job_id: str, device: str, speed: int = 0,
+                     auto_finalize: bool = True, auto_dismiss: bool = True) -> None:
+    node = ctx.graph.find(device)
+    await start_job(ctx, Checksum(job_id, ctx.jobs.emit, node, auto_finalize=auto_finalize,
+                                  auto_dismiss=auto_dismiss), speed)
