@@ -84,6 +84,13 @@ QMPJOBD = [sys.executable, "-m", "qmpjobd"]
 QSD = ["qemu-storage-daemon"]
 
 
+def ok(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """COMMAND's return value; the test fails (showing the reply) if it is an error."""
+    reply = conn.execute(command, arguments)
+    assert "return" in reply, reply
+    return reply["return"]
+
+
 class DaemonProcess:
     """A running daemon with a QMP monitor on a Unix socket."""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemons import QMPJOBD, QmpConnection, daemon_env, start_qmpjobd
+from tests.daemons import QMPJOBD, QmpConnection, daemon_env, ok, start_qmpjobd
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -57,12 +57,6 @@ def monitor_args(path: Path, role: str | None = None, **chardev: str) -> list[st
     monitor = "chardev=m1" + (f",role={role}" if role else "")
     return ["--chardev", f"socket,id=m1,path={path},server=on,wait=off{extra}",
             "--monitor", monitor]
-
-
-def ok(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> Any:
-    reply = conn.execute(command, arguments)
-    assert "return" in reply, reply
-    return reply["return"]
 
 
 def refused(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> str:

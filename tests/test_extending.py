@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection, daemon_env
+from tests.daemons import QMPJOBD, DaemonProcess, QmpConnection, daemon_env, ok
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "checksum"
@@ -38,12 +38,6 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
 def conn(daemon: DaemonProcess) -> Iterator[QmpConnection]:
     with daemon.connect() as connection:
         yield connection
-
-
-def ok(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> Any:
-    reply = conn.execute(command, arguments)
-    assert "return" in reply, reply
-    return reply["return"]
 
 
 def statuses(conn: QmpConnection, job: str, until: str) -> list[str]:

@@ -24,7 +24,7 @@ import pytest
 
 from qmpjobd.client import render
 from qmpjobd.client.main import byte_count
-from tests.daemons import DaemonProcess, QmpConnection, start_qmpjobd
+from tests.daemons import DaemonProcess, QmpConnection, ok, start_qmpjobd
 from tests.test_hostile_clients import wait_for_log
 
 QMPJOB = Path(sys.executable).parent / "qmpjob"  # the console script pyproject.toml declares
@@ -52,12 +52,6 @@ def qmpjob(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str
 def start_qmpjob(daemon: DaemonProcess, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([str(QMPJOB), "-s", str(daemon.socket_path), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def ok(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> Any:
-    reply = conn.execute(command, arguments)
-    assert "return" in reply, reply
-    return reply["return"]
 
 
 def until_status(conn: QmpConnection, job: str, status: str) -> None:

@@ -13,22 +13,15 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.daemons import QMPJOBD, QmpConnection, daemon_env, start_qmpjobd
+from tests.daemons import QMPJOBD, QmpConnection, daemon_env, ok, start_qmpjobd
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = shutil.which("systemd-socket-activate")
 needs_launcher = pytest.mark.skipif(LAUNCHER is None, reason="needs systemd-socket-activate")
 WAIT = 30.0
-
-
-def ok(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = None) -> Any:
-    reply = conn.execute(command, arguments)
-    assert "return" in reply, reply
-    return reply["return"]
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from .. import paths
 from ..qmp.client import CommandFailed, ProtocolError
 from . import render
 from .connection import ConnectFailed, Connection
+from .outcomes import FINISHED, Outcomes
 
 # typing itself would cost a one-shot client 3 ms to load (mypy reads this as typing's).
 TYPE_CHECKING = False
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PAGE = 1000  # task records asked for at a time
-FINISHED = frozenset({"success", "failure", "cancelled"})
 VERBS = {"pause": "job-pause", "resume": "job-resume", "cancel": "job-cancel",
          "complete": "job-complete", "finalize": "job-finalize", "dismiss": "job-dismiss"}
 SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -191,85 +191,13 @@ def do_list(conn: Connection, args: argparse.Namespace) -> int:
 
 # -- wait ----------------------------------------------------------------------------------------
 
-def find_task(conn: Connection, ident: str) -> dict[str, Any]:
-    """The task IDENT names: the newest of the job with that id, else the task of that uuid."""
-    found = conn.execute("query-tasks", {"job-id": ident, "limit": 1})
-    if found:
-        return dict(found[0])
-    try:
-        return dict(conn.execute("query-task", {"uuid": ident}))
-    except CommandFailed:
-        raise CommandFailed("GenericError", f"no job or task '{ident}'") from None
-
-
-def outcome(ident: str, task: dict[str, Any]) -> str | None:
-    """Why the task did not succeed, or None if it did."""
-    if task["status"] == "success":
-        return None
-    if task["status"] == "cancelled":
-        return f"{ident}: cancelled"
-    info = task.get("error-info") or []
-    reason = info[1] if len(info) > 1 else (info[0] if info else "failed")
-    return f"{ident}: failed: {reason}"
-
-
-class Outcomes:
-    """The tasks of the IDs asked for, followed to their end by the TASK_CHANGE events of a
-    watch started before they were looked up (a change after the look is never missed)."""
-
-    def __init__(self, conn: Connection, idents: Sequence[str]) -> None:
-        try:
-            conn.execute("task-watch")
-        except CommandFailed as e:
-            if e.cls != "CommandNotFound":
-                raise
-            raise CommandFailed(e.cls, "waiting for jobs needs the daemon's task records, and "
-                                "this one has none (no task-watch)") from None
-        self.waiting: dict[str, str] = {}  # uuid -> the ID it was asked by
-        self.failures: list[str] = []
-        self.tasks: dict[str, tuple[str, dict[str, Any]]] = {}  # uuid -> ID, latest record
-        for ident in idents:
-            task = find_task(conn, ident)
-            self.tasks[task["uuid"]] = (ident, task)
-            if task["status"] in FINISHED:
-                self._ended(ident, task)
-            else:
-                self.waiting[task["uuid"]] = ident
-
-    def _ended(self, ident: str, task: dict[str, Any]) -> None:
-        failure = outcome(ident, task)
-        if failure:
-            self.failures.append(failure)
-
-    def seen(self, event: dict[str, Any]) -> None:
-        if event["event"] != "TASK_CHANGE":
-            return
-        change = event["data"]
-        ident = self.waiting.get(change["uuid"])
-        if ident is None:
-            return
-        if change["change"] == "del":
-            self.failures.append(f"{ident}: its task record was destroyed before it ended")
-            del self.waiting[change["uuid"]]
-            return
-        self.tasks[change["uuid"]] = (ident, change["task"])
-        if change["task"]["status"] in FINISHED:
-            self._ended(ident, change["task"])
-            del self.waiting[change["uuid"]]
-
-    def report(self) -> int:
-        for failure in self.failures:
-            print(f"qmpjob: {failure}", file=sys.stderr)
-        return EXIT_REFUSED if self.failures else EXIT_OK
-
-
 def do_wait(conn: Connection, args: argparse.Namespace) -> int:
     outcomes = Outcomes(conn, args.ids)
     while outcomes.waiting:
         event = conn.next_event()
         if event is not None:
             outcomes.seen(event)
-    return outcomes.report()
+    return EXIT_OK if outcomes.report() else EXIT_REFUSED
 
 
 # -- verbs ---------------------------------------------------------------------------------------
@@ -379,7 +307,7 @@ def do_watch(conn: Connection, args: argparse.Namespace) -> int:
         return found
 
     watch(conn, outcomes, fetch)
-    return EXIT_OK if outcomes is None else outcomes.report()
+    return EXIT_OK if outcomes is None or outcomes.report() else EXIT_REFUSED
 
 
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {

@@ -14,7 +14,7 @@ from . import render
 from .connection import Connection
 
 if TYPE_CHECKING:
-    from .main import Outcomes
+    from .outcomes import Outcomes
 
 POLL = 0.5  # seconds between two looks at the jobs without an event
 
