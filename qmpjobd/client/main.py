@@ -10,8 +10,8 @@
     qmpjob schema [COMMAND]            the commands, or one command's arguments and reply
 
 An ID is a job id or a task's uuid. Exit status: 0 done; 1 the daemon refused (its error on
-stderr) or a waited-for job failed or was cancelled; 2 usage or connection errors. Errors are
-one line on stderr.
+stderr) or a waited-for job failed or was cancelled; 2 usage or connection errors; 130 given up
+with Ctrl-C (events, and watch without IDs, end so: 0). Errors are one line on stderr.
 """
 
 from __future__ import annotations
