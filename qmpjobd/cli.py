@@ -259,6 +259,9 @@ def parse_command_line(argv: list[str], passed: list[tuple[str, str]] | None = N
             chardev = _chardev(text, chardevs, passed)
         except UsageError as exc:
             raise UsageError(f"--chardev {text}: {exc}") from None
+        if chardev.passed is not None and any(
+                other.passed == chardev.passed for other in chardev_peers.values()):
+            raise UsageError(f"--chardev {text}: the passed socket is another chardev's")
         chardevs[chardev.id] = chardev.path
         chardev_texts[chardev.id] = text
         chardev_peers[chardev.id] = chardev

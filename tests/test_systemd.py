@@ -182,3 +182,29 @@ def test_the_json_log_tells_what_happened(tmp_path: Path) -> None:
     assert "blockdev-backup: ok" in commands and "job-cancel: ok" in commands
     assert "job-pause: GenericError: Job not found" in commands
     assert commands[-1] == "disconnected"
+
+
+def test_passed_sockets_on_the_command_line() -> None:
+    """What parse_command_line makes of passed sockets (name, where it listens)."""
+    from qmpjobd.cli import UsageError, parse_command_line
+
+    passed = [("qmp", "/run/a.sock"), ("ro", "/run/b.sock")]
+    every = parse_command_line([], passed)
+    assert [(m.path, m.passed, m.access.role) for m in every.monitors] == [
+        ("/run/a.sock", 0, 2), ("/run/b.sock", 1, 2)]
+    assert not every.default_socket
+    named = parse_command_line(["--chardev", "socket,id=r,fd-name=ro", "--monitor",
+                                "chardev=r,role=read-only"], passed)
+    assert [(m.path, m.passed, m.access.role) for m in named.monitors] == [("/run/b.sock", 1, 0)]
+    for options, message in (
+            (["--chardev", "socket,id=a,fd-name=qmp", "--chardev", "socket,id=b,fd-name=qmp"],
+             "--chardev socket,id=b,fd-name=qmp: the passed socket is another chardev's"),
+            (["--chardev", "socket,id=a,fd-name=qmp,path=/x"],
+             "--chardev socket,id=a,fd-name=qmp,path=/x: 'path' and 'fd-name' exclude each "
+             "other"),
+            (["--chardev", "socket,id=a,fd-name=qmp,mode=0666"],
+             "--chardev socket,id=a,fd-name=qmp,mode=0666: 'mode' is the service manager's for "
+             "a passed socket (SocketMode=)")):
+        with pytest.raises(UsageError) as raised:
+            parse_command_line(options, passed)
+        assert str(raised.value) == message
