@@ -32,10 +32,13 @@ task record fails with it). `Node` is a block node (`ctx.graph.find(name)`: its 
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from .block.drivers.base import Node
 from .context import Context, handler
+from .jobs import job as _jobs
 from .jobs.errors import JobError
-from .jobs.job import Emit, Job
+from .jobs.job import Emit
 from .qmp.errors import QmpError
 
 __all__ = ["Context", "Emit", "Job", "JobFailed", "Node", "QmpError", "handler", "start_job"]
@@ -44,9 +47,31 @@ __all__ = ["Context", "Emit", "Job", "JobFailed", "Node", "QmpError", "handler",
 JobFailed = JobError
 
 
+class Job(_jobs.Job):
+    """A job kind of yours: set `job_type`, write `run()` (the module docstring says how).
+
+    To be an action of `transaction` too, name the action and the wrapper struct of your
+    schema that holds its arguments ({'data': ARGUMENTS}, as QEMU's BlockdevBackupWrapper):
+    `transaction_action = ("x-checksum", "XChecksumWrapper")`, and build the job from those
+    arguments in `from_action`. The transaction creates every action's job first and starts
+    them only if all could be created; with completion-mode grouped they conclude together."""
+
+    transaction_action: ClassVar[tuple[str, str] | None] = None
+
+    @classmethod
+    def from_action(cls, ctx: Context, arguments: dict[str, Any]) -> Job:
+        """The job an action with ARGUMENTS (checked against the schema) makes; raise
+        JobFailed with the error the transaction should fail with."""
+        raise NotImplementedError(f"{cls.__name__} is no transaction action")
+
+
 async def start_job(ctx: Context, job: Job, speed: int = 0) -> None:
     """Register JOB under its id (refused with QEMU's words if the id is malformed or taken)
     and start it, at SPEED bytes a second (0: no limit); returns once it has taken its first
     step, as QEMU's job commands do before they reply."""
-    ctx.jobs.check_new_id(job.id)
+    try:
+        ctx.jobs.check_new_id(job.id)
+    except JobError:
+        job.abort()  # (it lets go of what it took)
+        raise
     await ctx.jobs.launch(job, speed)

@@ -30,8 +30,13 @@ from .qapi.errors import KeyvalError
 from .qapi.keyval import split
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from . import api
     from .context import Daemon
     from .dispatch import Dispatcher
+    from .jobs.job import Job
+    from .qapi.parser import TopLevel
     from .qapi.tables import Tables
 
 # Only what parsing the command line and binding the sockets needs is imported up front; trio,
@@ -445,8 +450,23 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
         for path in _module_schema(module):
             if path not in schema_files:
                 schema_files.append(path)
+    actions = _transaction_actions(users)
+
+    def amend(exprs: list[TopLevel]) -> None:
+        # The users' actions join the built-in union and its kinds (as QEMU's schema would
+        # have them written in).
+        for top in exprs:
+            if top.expr.get("enum") == "TransactionActionKind":
+                values = top.expr["data"]
+                assert isinstance(values, list)
+                values.extend(case for case, _ in actions)
+            elif top.expr.get("union") == "TransactionAction":
+                branches = top.expr["data"]
+                assert isinstance(branches, dict)
+                branches.update(actions)
+
     try:
-        schema = load_schema(str(DEFAULT_SCHEMA), schema_files)
+        schema = load_schema(str(DEFAULT_SCHEMA), schema_files, amend if actions else None)
     except QapiError as exc:
         if not schema_files:
             raise
@@ -469,6 +489,7 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
                             user_commands=users_commands)
     daemon = _daemon(config, tables)
     daemon.command_roles = dispatcher.roles
+    daemon.transaction_actions = _action_builders(users)
     limits = Limits(**config.limits)
     daemon.jobs.max_jobs = limits.max_jobs
     daemon.graph.max_nodes = limits.max_nodes
@@ -550,17 +571,44 @@ def _module_schema(module: ModuleType) -> list[str]:
     return [os.path.join(base, os.fspath(path)) for path in paths_named]
 
 
+def _user_job_classes(modules: list[ModuleType]) -> list[type[Job]]:
+    from .jobs.job import Job
+
+    return [value for module in modules for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, Job) and value.job_type
+            and value.__module__ == module.__name__]
+
+
+def _action_classes(modules: list[ModuleType]) -> list[type[api.Job]]:
+    """The users' job kinds that are transaction actions (api.Job.transaction_action)."""
+    from . import api
+
+    return [cls for cls in _user_job_classes(modules)
+            if issubclass(cls, api.Job) and cls.transaction_action is not None]
+
+
+def _transaction_actions(modules: list[ModuleType]) -> list[tuple[str, str]]:
+    """(action, wrapper struct) of each of them."""
+    found: list[tuple[str, str]] = []
+    for cls in _action_classes(modules):
+        assert cls.transaction_action is not None
+        if cls.transaction_action not in found:
+            found.append(cls.transaction_action)
+    return found
+
+
+def _action_builders(modules: list[ModuleType]) -> dict[str, Callable[..., Any]]:
+    return {cls.transaction_action[0]: cls.from_action for cls in _action_classes(modules)
+            if cls.transaction_action is not None}
+
+
 def _job_kinds(modules: list[ModuleType]) -> list[str]:
     """The job types of the users' job kinds (qmpjobd.api.Job subclasses), which JobType
     gains."""
-    from .jobs.job import Job
-
     kinds: list[str] = []
-    for module in modules:
-        for value in vars(module).values():
-            if (isinstance(value, type) and issubclass(value, Job) and value.job_type
-                    and value.__module__ == module.__name__ and value.job_type not in kinds):
-                kinds.append(value.job_type)
+    for cls in _user_job_classes(modules):
+        if cls.job_type not in kinds:
+            kinds.append(cls.job_type)
     return kinds
 
 

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 from .access import ADMIN
 from .block.graph import BlockGraph
@@ -80,6 +81,10 @@ class Daemon:
     quit_requested: Callable[[], None] = lambda: None
     # The least role each command needs (the dispatcher's; query-commands lists by it).
     command_roles: dict[str, int] = field(default_factory=dict)
+    # Users' transaction actions: the action's name -> what makes its job from its arguments
+    # (api.Job.from_action).
+    transaction_actions: dict[str, Callable[[Context, dict[str, Any]], Any]] = field(
+        default_factory=dict)
 
     def __post_init__(self) -> None:
         self.jobs = JobManager(self.events.emit)

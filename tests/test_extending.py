@@ -246,3 +246,48 @@ def test_a_users_command_without_a_role_feature_is_the_admins(tmp_path: Path) ->
         assert "query-mine" not in {c["name"] for c in ok(conn, "query-commands")}
         assert "query-jobs" in {c["name"] for c in ok(conn, "query-commands")}
         conn.close()
+
+
+def test_a_users_job_kind_as_a_transaction_action(conn: QmpConnection, tmp_path: Path) -> None:
+    datas = {}
+    for name in ("a", "b"):
+        datas[name] = os.urandom(2 << 20)
+        (tmp_path / name).write_bytes(datas[name])
+        ok(conn, "blockdev-add", {"driver": "file", "node-name": name, "read-only": True,
+                                  "filename": str(tmp_path / name)})
+    schema = {entity["name"]: entity for entity in ok(conn, "query-qmp-schema")}
+    kinds = next(e for e in schema.values()
+                 if e["meta-type"] == "enum" and "drive-backup" in e["values"])
+    assert kinds["values"][-1] == "x-checksum"
+
+    def action(name: str, job: str) -> dict[str, Any]:
+        return {"type": "x-checksum", "data": {"job-id": job, "device": name}}
+
+    # One action fails: no job is left, and the nodes are free again.
+    ok(conn, "x-checksum", {"job-id": "taken", "device": "a", "speed": 1,
+                            "auto-dismiss": False})
+    for actions in ([action("a", "c1"), {"type": "abort", "data": {}}],
+                    [action("a", "c1"), action("b", "taken")]):
+        refused = conn.execute("transaction", {"actions": actions})
+        assert refused["error"]["desc"] in ("Transaction aborted using Abort action",
+                                            "Job ID 'taken' already in use")
+    ok(conn, "job-cancel", {"id": "taken"})
+    statuses(conn, "taken", "concluded")
+    ok(conn, "job-dismiss", {"id": "taken"})
+    assert ok(conn, "query-jobs") == []
+    ok(conn, "blockdev-del", {"node-name": "b"})  # nothing holds it
+    ok(conn, "blockdev-add", {"driver": "file", "node-name": "b", "read-only": True,
+                              "filename": str(tmp_path / "b")})
+    # Both, concluding together.
+    ok(conn, "transaction", {"actions": [action("a", "c1"), action("b", "c2")],
+                             "properties": {"completion-mode": "grouped"}})
+    ended: set[str] = set()
+    while not {"c1", "c2"} <= ended:
+        event = conn.events.pop(0) if conn.events else conn.receive(WAIT)
+        if event["event"] == "JOB_STATUS_CHANGE" and event["data"]["status"] == "null":
+            ended.add(event["data"]["id"])
+    for job, name in (("c1", "a"), ("c2", "b")):
+        newest = ok(conn, "query-tasks", {"job-id": job})[0]  # (c1 was made and undone too)
+        assert newest["result"]["sha256"] == hashlib.sha256(datas[name]).hexdigest()
+    (txn,) = ok(conn, "query-tasks", {"type": "transaction"})
+    assert len(txn["subtasks"]) == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..block.drive import drive_backup_job
-from ..block.jobs.backup import BackupJob, backup_job
+from ..block.jobs.backup import backup_job
 from ..context import Context, handler
 from ..jobs.errors import JobError
 from ..jobs.job import Job
@@ -28,13 +28,20 @@ async def transaction(
     try:
         for action in actions:
             kind, data = action["type"], action["data"]
-            job: BackupJob
+            job: Job
             if kind == "abort":
                 raise JobError("Transaction aborted using Abort action")
             if kind == "blockdev-backup":
                 job = backup_job(ctx.graph, ctx.jobs, data)
             elif kind == "drive-backup":
                 job = await drive_backup_job(ctx.graph, ctx.jobs, data)
+            elif kind in ctx.daemon.transaction_actions:  # a user's job kind (api.Job)
+                job = ctx.daemon.transaction_actions[kind](ctx, data)
+                try:
+                    ctx.jobs.check_new_id(job.id)
+                except JobError:
+                    job.abort()  # (it lets go of what it took)
+                    raise
             else:
                 raise JobError(f"{kind} is not implemented yet")
             ctx.jobs.create(job, data.get("speed", 0))

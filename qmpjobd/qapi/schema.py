@@ -887,9 +887,13 @@ def _dicts(items: object) -> list[dict[str, object]]:
     return [item for item in items if isinstance(item, dict)]
 
 
-def load_schema(fname: str, extra: Sequence[str] = ()) -> Schema:
+def load_schema(fname: str, extra: Sequence[str] = (),
+                amend: Callable[[list[TopLevel]], None] | None = None) -> Schema:
     """Parse and check the schema rooted at FNAME, with the EXTRA files as if FNAME included
-    them last; raise QapiError if it is invalid."""
+    them last; raise QapiError if it is invalid. AMEND may change the expressions as read,
+    before any check (qmpjobd adds its users' transaction actions to the built-in union)."""
     result, pragma = parse_schema(fname, extra)
+    if amend is not None:
+        amend(result.exprs)
     check_exprs(result.exprs)
     return Schema(fname, result.exprs, result.docs, pragma)

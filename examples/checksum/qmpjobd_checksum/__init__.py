@@ -24,6 +24,8 @@ class Checksum(Job):
     source of a job, as a backup's source is)."""
 
     job_type = "x-checksum"
+    # Also an action of transaction, its arguments in the schema's XChecksumWrapper.
+    transaction_action = ("x-checksum", "XChecksumWrapper")
 
     def __init__(self, job_id: str, emit: Emit, node: Node, **options: bool) -> None:
         super().__init__(job_id, emit, **options)
@@ -66,9 +68,20 @@ class Checksum(Job):
         self._release()
 
 
+    @classmethod
+    def from_action(cls, ctx: Context, arguments: dict[str, Any]) -> Checksum:
+        """The job x-checksum's ARGUMENTS (an XChecksum, checked) describe, as the command
+        and the transaction action make it."""
+        node = ctx.graph.find(arguments["device"])
+        job = cls(arguments["job-id"], ctx.jobs.emit, node,
+                  auto_finalize=arguments.get("auto-finalize", True),
+                  auto_dismiss=arguments.get("auto-dismiss", True))
+        job.speed = arguments.get("speed", 0)
+        return job
+
+
 @handler("x-checksum")
-async def x_checksum(ctx: Context, *, job_id: str, device: str, speed: int = 0,
-                     auto_finalize: bool = True, auto_dismiss: bool = True) -> None:
-    node = ctx.graph.find(device)
-    await start_job(ctx, Checksum(job_id, ctx.jobs.emit, node, auto_finalize=auto_finalize,
-                                  auto_dismiss=auto_dismiss), speed)
+async def x_checksum(ctx: Context, arguments: dict[str, Any]) -> None:
+    # (boxed: the arguments come as one object, as the transaction action gets them)
+    job = Checksum.from_action(ctx, arguments)
+    await start_job(ctx, job, job.speed)
