@@ -231,6 +231,21 @@ def info(path: Path) -> Any:
     return _normalise(found, str(path.parent))
 
 
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """The ranges of PATH that hold blocks (SEEK_DATA / SEEK_HOLE)."""
+    ranges = []
+    with open(path, "rb") as f:
+        fd, end, position = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while position < end:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past POSITION
+                break
+            position = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start, position))
+    return ranges
+
+
 @pytest.mark.parametrize("options", [
     {"size": 4 * MiB},
     {"size": 1 << 30, "cluster-size": 4096, "lazy-refcounts": True, "refcount-bits": 8},
@@ -247,7 +262,14 @@ def test_blockdev_create(sides: list[Side], options: dict[str, Any]) -> None:
     assert results[0] == results[1]
     paths = [side.dir / "new.qcow2" for side in sides]
     if "error" not in results[0][1][0]:
-        assert info(paths[0]) == info(paths[1])
+        # actual-size counts the file system's own blocks too (an extent index block once a
+        # file is in enough pieces, which depends on the free space): the blocks that hold
+        # the image's data are compared instead, range by range.
+        found = [info(path) for path in paths]
+        for entry in found:
+            entry.pop("actual-size")
+        assert found[0] == found[1]
+        assert data_ranges(paths[0]) == data_ranges(paths[1])
         assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
