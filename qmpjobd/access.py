@@ -84,7 +84,7 @@ class AccessPolicy:
                 data = json.loads(f.read())
         except OSError as e:
             raise ValueError(f"{path}: {e.strerror}") from None
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: not JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: must be a JSON object of \"uid:N\" or \"gid:N\" to a role")
@@ -92,7 +92,7 @@ class AccessPolicy:
         gids: dict[int, int] = {}
         for key, value in data.items():
             kind, _, number = key.partition(":")
-            if kind not in ("uid", "gid") or not number.isdigit():
+            if kind not in ("uid", "gid") or not (number.isascii() and number.isdigit()):
                 raise ValueError(f"{path}: '{key}' is not \"uid:N\" or \"gid:N\"")
             if not isinstance(value, str):
                 raise ValueError(f"{path}: the role of '{key}' must be a string")
@@ -113,23 +113,14 @@ class AccessPolicy:
     def names_groups(self) -> bool:
         return bool(self.gids)
 
+    @property
+    def lowest(self) -> int:
+        """The lowest role the policy gives anyone (ADMIN if it names nobody): what a peer
+        whose ids cannot be known gets."""
+        return min([*self.uids.values(), *self.gids.values()], default=ADMIN)
+
     def __bool__(self) -> bool:
         return bool(self.uids or self.gids)
-
-
-def peer_groups(pid: int, gid: int) -> frozenset[int]:
-    """A peer's groups: its primary group (SO_PEERCRED) and the supplementary ones its process
-    has (/proc; none if it has gone meanwhile). Reads a file: not on the event loop."""
-    groups = {gid}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-                    break
-    except OSError:
-        pass
-    return frozenset(groups)
 
 
 def needs_groups(access: MonitorAccess, policy: AccessPolicy) -> bool:

@@ -285,7 +285,7 @@ def parse_command_line(argv: list[str], passed: list[tuple[str, str]] | None = N
     for path in args.socket:
         config.monitors.append(MonitorSpec(path, origin=f"--socket {path}"))
     config.blockdevs = args.blockdev
-    if not config.monitors and passed:
+    if not config.monitors and passed and not args.chardev:
         # Socket activation: every passed socket is a monitor with the default role.
         config.monitors += [
             MonitorSpec(path, origin=f"the passed socket '{name}'", passed=index)
@@ -374,7 +374,7 @@ def _ids(options: dict[str, str], key: str) -> frozenset[int] | None:
     if text is None:
         return None
     parts = text.split(":")
-    if not all(part.isdigit() for part in parts):
+    if not all(part.isascii() and part.isdigit() for part in parts):
         raise UsageError(f"Parameter '{key}' expects numeric ids separated by ':', not "
                          f"'{text}'")
     return frozenset(int(part) for part in parts)
@@ -545,7 +545,8 @@ def entry_points(group: str) -> list[tuple[str, str]]:
                 continue
             seen.add(distribution)
             try:
-                with open(os.path.join(entry.path, "entry_points.txt"), encoding="utf-8") as f:
+                with open(os.path.join(entry.path, "entry_points.txt"), encoding="utf-8",
+                          errors="replace") as f:
                     text = f.read()
             except OSError:
                 continue

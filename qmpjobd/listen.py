@@ -19,10 +19,15 @@ import stat
 import struct
 import threading
 
-from .access import AccessPolicy, MonitorAccess, needs_groups, peer_groups
+from .access import AccessPolicy, MonitorAccess, needs_groups
 
 log = logging.getLogger("qmpjobd.listen")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# The peer's groups as they were when it connected (Linux 4.13; socket.py does not name it).
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+# The most groups read (Python's getsockopt takes at most 1024 bytes); a peer in more is
+# treated as one whose groups are unknown.
+_MAX_GROUPS = 256
 
 
 class SocketInUse(Exception):
@@ -134,18 +139,39 @@ def peer_of(fd: int) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
+def groups_of(fd: int, gid: int) -> frozenset[int] | None:
+    """The groups of the peer of the Unix socket FD when it connected (SO_PEERGROUPS), with
+    its primary GID; None if the kernel will not say."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _MAX_GROUPS * 4)
+    except OSError:
+        return None
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw)) | {gid}
+
+
 def judge(fd: int, access: MonitorAccess, policy: AccessPolicy) -> int | None:
     """The role of the peer of FD on a monitor with ACCESS (the monitor's, lowered by POLICY),
-    or None if the monitor does not admit it (logged). Reads /proc for the peer's groups when
-    it must: call it in a thread, never on the event loop."""
+    or None if the monitor does not admit it (logged). What cannot be known counts against
+    the peer: unknown credentials or groups get the lowest role the policy names (refused
+    where allow-uid or allow-gid would decide)."""
     peer = peer_of(fd)
     if peer is None:
         if access.filters:
             log.info("refused a client: its credentials are unknown")
             return None
-        return access.role
+        return min(access.role, policy.lowest)
     pid, uid, gid = peer
-    groups = peer_groups(pid, gid) if needs_groups(access, policy) else frozenset({gid})
+    groups = frozenset({gid})
+    if needs_groups(access, policy):
+        known = groups_of(fd, gid)
+        if known is not None:
+            groups = known
+        else:
+            if access.allow_gids is not None and uid not in (access.allow_uids or ()):
+                log.info("refused a client: uid %d (pid %d): its groups are unknown", uid, pid)
+                return None
+            return min(access.role, policy.lowest)
     if not access.admits(uid, groups):
         log.info("refused a client: uid %d (pid %d, groups %s) is not among the socket's "
                  "allow-uid/allow-gid", uid, pid, ",".join(map(str, sorted(groups))))

@@ -28,9 +28,9 @@ def inherited_sockets() -> list[tuple[str, socket.socket]]:
     pid, count_text, names_text = (values[name] for name in _VARIABLES)
     if pid is None or count_text is None:
         return []
-    if not pid.isdigit() or int(pid) != os.getpid():
+    if not (pid.isascii() and pid.isdigit()) or int(pid) != os.getpid():
         return []  # meant for another process (a parent that did not clear them)
-    if not count_text.isdigit():
+    if not (count_text.isascii() and count_text.isdigit()):
         raise ActivationError(f"LISTEN_FDS={count_text!r} is not a count of descriptors")
     count = int(count_text)
     names = names_text.split(":") if names_text else ["unknown"] * count

@@ -242,3 +242,47 @@ def test_bad_access_options_are_one_line_errors(tmp_path: Path, options: list[st
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "q.sock").exists()
+
+
+# A root peer in group 4242 when it connects, in none once connected.
+LEAVING_PEER = """
+import json, os, socket, sys
+os.setgroups([4242])
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+os.setgroups([])
+f = s.makefile("rwb")
+f.readline()
+for line in ['{"execute": "qmp_capabilities"}', '{"execute": "quit"}']:
+    f.write(line.encode() + b"\\n"); f.flush()
+    print(f.readline().decode().strip())
+"""
+
+
+@as_nobody
+def test_a_peers_groups_are_those_it_connected_with(tmp_path: Path) -> None:
+    """The policy reads the groups the peer had when it connected (SO_PEERGROUPS): leaving a
+    group afterwards, or exiting, does not escape its limit."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"gid:4242": "read-only"}))
+    path = tmp_path / "q2.sock"
+    with start_qmpjobd(tmp_path, "--access-policy", str(policy), *monitor_args(path)):
+        done = subprocess.run([SYSTEM_PYTHON, "-c", LEAVING_PEER, str(path)],
+                              capture_output=True, text=True, timeout=30)
+        _, quit_reply = done.stdout.splitlines()
+        assert json.loads(quit_reply)["error"]["desc"] == (
+            "Command 'quit' needs the role 'admin'; this connection's role is 'read-only'")
+
+
+@as_nobody
+def test_an_operator_adds_subtasks_only_to_its_own_tasks(tmp_path: Path,
+                                                         shared_dir: Path) -> None:
+    path = shared_dir / "op.sock"
+    with start_qmpjobd(tmp_path, *monitor_args(path, "operator", mode="0666")) as daemon, \
+            daemon.connect() as admin:
+        parent = ok(admin, "task-create", {"name-label": "root's"})["uuid"]
+        _, refused_reply = as_peer(NOBODY, path, {"execute": "task-create", "arguments": {
+            "name-label": "mine", "subtask-of": parent}})
+        desc = refused_reply["error"]["desc"]
+        assert "add a subtask to" in desc and "created by uid 0" in desc, desc
+        assert ok(admin, "query-task", {"uuid": parent})["subtasks"] == []

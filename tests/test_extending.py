@@ -291,3 +291,68 @@ def test_a_users_job_kind_as_a_transaction_action(conn: QmpConnection, tmp_path:
         assert newest["result"]["sha256"] == hashlib.sha256(datas[name]).hexdigest()
     (txn,) = ok(conn, "query-tasks", {"type": "transaction"})
     assert len(txn["subtasks"]) == 2
+
+
+BAD_SCHEMA = """##
+# @XBad:
+#
+# @job-id: the job's identifier
+##
+{ 'struct': 'XBad', 'data': { 'job-id': 'str' } }
+
+##
+# @XBadWrapper:
+#
+# @data: the arguments
+##
+{ 'struct': 'XBadWrapper', 'data': { 'data': 'XBad' } }
+
+##
+# @x-bad:
+#
+# An action whose job cannot be made.
+##
+{ 'command': 'x-bad', 'data': 'XBad', 'boxed': true }
+"""
+BAD_MODULE = """from typing import Any
+
+from qmpjobd.api import Context, Job, QmpError, handler
+
+
+class Bad(Job):
+    job_type = "x-bad"
+    transaction_action = ("x-bad", "XBadWrapper")
+
+    @classmethod
+    def from_action(cls, ctx: Context, arguments: dict[str, Any]) -> Job:
+        if arguments["job-id"] == "bug":
+            raise KeyError("a bug")
+        raise QmpError("GenericError", "no, thanks")
+
+
+@handler("x-bad")
+async def x_bad(ctx: Context, arguments: dict[str, Any]) -> None:
+    Bad.from_action(ctx, arguments)
+"""
+
+
+def test_an_action_that_cannot_be_made_leaves_nothing(tmp_path: Path) -> None:
+    """A user's from_action that raises a QmpError, or has a bug: the transaction fails with
+    that error (or an internal error), and the jobs made before it are gone, their nodes
+    free."""
+    (tmp_path / "bad.json").write_text(BAD_SCHEMA)
+    (tmp_path / "xbad.py").write_text(BAD_MODULE)
+    (tmp_path / "d.raw").write_bytes(bytes(1 << 20))
+    env = daemon_env(PYTHONPATH=os.pathsep.join((str(REPO), str(EXAMPLE), str(tmp_path))))
+    with DaemonProcess.start(tmp_path, "--schema", str(tmp_path / "bad.json"), "--handlers",
+                             "xbad", "--handlers", "qmpjobd_checksum", program=QMPJOBD,
+                             env=env) as daemon, daemon.connect() as conn:
+        ok(conn, "blockdev-add", {"driver": "file", "node-name": "f", "read-only": True,
+                                  "filename": str(tmp_path / "d.raw")})
+        for bad, error in (("nope", "no, thanks"), ("bug", "internal error in transaction")):
+            reply = conn.execute("transaction", {"actions": [
+                {"type": "x-checksum", "data": {"job-id": "c", "device": "f"}},
+                {"type": "x-bad", "data": {"job-id": bad}}]})
+            assert reply["error"]["desc"].startswith(error), reply
+            assert ok(conn, "query-jobs") == []
+        ok(conn, "blockdev-del", {"node-name": "f"})

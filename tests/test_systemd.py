@@ -196,6 +196,10 @@ def test_passed_sockets_on_the_command_line() -> None:
     named = parse_command_line(["--chardev", "socket,id=r,fd-name=ro", "--monitor",
                                 "chardev=r,role=read-only"], passed)
     assert [(m.path, m.passed, m.access.role) for m in named.monitors] == [("/run/b.sock", 1, 0)]
+    # A chardev without a monitor: the passed sockets are not all served as admin's.
+    filtered = parse_command_line(["--chardev", "socket,id=r,fd-name=ro,allow-uid=1000"],
+                                  passed)
+    assert all(m.passed is None for m in filtered.monitors)
     for options, message in (
             (["--chardev", "socket,id=a,fd-name=qmp", "--chardev", "socket,id=b,fd-name=qmp"],
              "--chardev socket,id=b,fd-name=qmp: the passed socket is another chardev's"),

@@ -77,6 +77,9 @@ async def task_create(
     ctx: Context, *, name_label: str, name_description: str = "", type: str = DEFAULT_TYPE,
     other_config: object = None, subtask_of: str | None = None,
 ) -> dict[str, str]:
+    if subtask_of is not None:
+        # A subtask changes its parent's outcome: an operator's only under its own tasks.
+        await _own(ctx, subtask_of, "add a subtask to")
     uuid = await ctx.tasks.registry.create(
         name_label=name_label, name_description=name_description, type=type,
         other_config=other_config, subtask_of=subtask_of, owner=ctx.peer,

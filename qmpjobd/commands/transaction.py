@@ -48,7 +48,8 @@ async def transaction(
             prepared.append(job)
             if group is not None:
                 group.add(job)
-    except JobError:
+    except BaseException:
+        # (A user's from_action may raise anything: QmpError, or a bug.)
         for created in reversed(prepared):
             created.discard()
         raise
