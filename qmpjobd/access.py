@@ -10,9 +10,13 @@ feature (`role-read-only`, `role-operator`, `role-admin`), else the one the tabl
 from __future__ import annotations
 
 import json
+import os
+import socket
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 READ_ONLY, OPERATOR, ADMIN = 0, 1, 2
 ROLE_NAMES = ("read-only", "operator", "admin")
 _FEATURES = {"role-read-only": READ_ONLY, "role-operator": OPERATOR, "role-admin": ADMIN}
@@ -126,3 +130,14 @@ class AccessPolicy:
 def needs_groups(access: MonitorAccess, policy: AccessPolicy) -> bool:
     return access.allow_gids is not None or policy.names_groups
 
+
+def peer_of(fd: int) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the peer of the Unix socket FD (SO_PEERCRED); None if the kernel
+    will not say (not a socket)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid

@@ -15,13 +15,12 @@ import os
 import select
 import socket
 import stat
-import struct
 
 import outcome
 import trio
 
-# struct ucred: pid, uid, gid.
-_UCRED = struct.Struct("3i")
+from .access import peer_of
+
 # Errors that mean the peer is gone.
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _INPUT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
@@ -154,12 +153,10 @@ class FdChannel:
         anything else (stdio)."""
         if not stat.S_ISSOCK(os.fstat(self.read_fd).st_mode):
             return None
-        try:
-            with socket.socket(fileno=os.dup(self.read_fd)) as sock:
-                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        except OSError:
+        peer = peer_of(self.read_fd)
+        if peer is None:
             return None
-        pid, uid, _gid = _UCRED.unpack(raw)
+        pid, uid, _gid = peer
         return uid, pid
 
     def read_now(self, size: int) -> bytes | None:

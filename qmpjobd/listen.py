@@ -19,10 +19,9 @@ import stat
 import struct
 import threading
 
-from .access import AccessPolicy, MonitorAccess, needs_groups
+from .access import AccessPolicy, MonitorAccess, needs_groups, peer_of
 
 log = logging.getLogger("qmpjobd.listen")
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # The peer's groups as they were when it connected (Linux 4.13; socket.py does not name it).
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 # The most groups read (Python's getsockopt takes at most 1024 bytes); a peer in more is
@@ -125,18 +124,6 @@ class EarlyGreeter:
             conn.close()
             return
         self._accepted.append((conn, index))
-
-
-def peer_of(fd: int) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of the peer of the Unix socket FD (SO_PEERCRED); None if the kernel
-    will not say (not a socket)."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError:
-        return None
-    pid, uid, gid = _UCRED.unpack(raw)
-    return pid, uid, gid
 
 
 def groups_of(fd: int, gid: int) -> frozenset[int] | None:

@@ -391,12 +391,14 @@ class Connection:
         try:
             value = await self.server.dispatcher.run(self.context, request)
         except QmpError as error:
-            log.debug("%s: %s: %s: %s", self.name, request.command, error.cls, error.desc,
-                      extra={"client": self.name})
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %s: %s: %s", self.name, request.command, error.cls, error.desc,
+                          extra={"client": self.name})
             self.context.reply_after = 0
             self.send(session.error_reply(request.id, error))
         else:
-            log.debug("%s: %s: ok", self.name, request.command, extra={"client": self.name})
+            if log.isEnabledFor(logging.DEBUG):  # (every command passes here)
+                log.debug("%s: %s: ok", self.name, request.command, extra={"client": self.name})
             commit, self.context.reply_after = self.context.reply_after, 0
             if commit:
                 self.send_after_commit(commit, session.reply(request, value))
