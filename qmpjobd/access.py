@@ -14,7 +14,8 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 READ_ONLY, OPERATOR, ADMIN = 0, 1, 2
@@ -53,8 +54,7 @@ def minimum_role(command: str, features: Iterable[str] = (), builtin: bool = Tru
     return ADMIN
 
 
-@dataclass(frozen=True)
-class MonitorAccess:
+class MonitorAccess(NamedTuple):
     """A monitor's role, and the peers its socket admits (None: every peer the socket file's
     mode lets connect)."""
 
@@ -72,12 +72,11 @@ class MonitorAccess:
         return uid in (self.allow_uids or ()) or bool(gids & (self.allow_gids or frozenset()))
 
 
-@dataclass(frozen=True)
-class AccessPolicy:
+class AccessPolicy(NamedTuple):
     """--access-policy: roles by uid and by gid, each a ceiling for the peers it names."""
 
-    uids: Mapping[int, int] = field(default_factory=dict)
-    gids: Mapping[int, int] = field(default_factory=dict)
+    uids: Mapping[int, int] = MappingProxyType({})
+    gids: Mapping[int, int] = MappingProxyType({})
 
     @classmethod
     def load(cls, path: str) -> AccessPolicy:

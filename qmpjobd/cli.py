@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import PACKAGE, QMP_API_VERSION, __version__, logs, paths, systemd
 from .access import AccessPolicy, MonitorAccess, role_named
@@ -67,8 +67,7 @@ class UsageError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class MonitorSpec:
+class MonitorSpec(NamedTuple):
     """A QMP monitor: a Unix socket path, or None for stdin/stdout; ORIGIN is the option that
     asked for it, for error messages."""
 
@@ -76,7 +75,7 @@ class MonitorSpec:
     pretty: bool = False
     origin: str = "the default socket"
     # Its role, and the peers its socket admits; the socket file's mode (0600 if None).
-    access: MonitorAccess = field(default_factory=MonitorAccess)
+    access: MonitorAccess = MonitorAccess()
     mode: int | None = None
     # A socket the service manager passed (its index among them), used as it is: not bound
     # here, not removed at exit.
@@ -299,8 +298,7 @@ def parse_command_line(argv: list[str], passed: list[tuple[str, str]] | None = N
     return config
 
 
-@dataclass(frozen=True)
-class Chardev:
+class Chardev(NamedTuple):
     """A --chardev: its id, its socket's path (None for stdio), the file's mode, the peers it
     admits (None: any)."""
 
@@ -435,10 +433,11 @@ def _setup_logging(config: Config) -> None:
 
 
 def _build(config: Config) -> tuple[Daemon, Dispatcher]:
+    from . import schema_cache
     from .commands import MODULES
     from .context import handlers_in
     from .dispatch import Dispatcher, StartupError
-    from .qapi import QapiError, load_schema
+    from .qapi import QapiError
     from .qapi.tables import build_tables
 
     modules = list(MODULES)
@@ -466,7 +465,8 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
                 branches.update(actions)
 
     try:
-        schema = load_schema(str(DEFAULT_SCHEMA), schema_files, amend if actions else None)
+        schema = schema_cache.load(str(DEFAULT_SCHEMA), schema_files, amend if actions else None,
+                                   actions, schema_cache.default_directory())
     except QapiError as exc:
         if not schema_files:
             raise
@@ -788,8 +788,8 @@ def _serve(
         stdio=[(m.pretty, m.access.role) for m in config.monitors if m.path is None],
         access_policy=policy,
         on_ready=on_ready,
+        limits=Limits(**config.limits),
     )
-    options.limits = Limits(**config.limits)
     trio.run(Server(options, daemon, dispatcher).run)
     return 0
 def _fail(ready_pipe: int | None, message: str) -> int:

@@ -11,13 +11,12 @@ Each has a command-line option of the same name (cli.py); docs/compat.md lists t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MiB = 1 << 20
 
 
-@dataclass
-class Limits:
+class Limits(NamedTuple):
     # Unsent output one client may have queued before it is disconnected.
     output_limit: int = 8 * MiB
     # Input held for all clients together: partial messages, and requests parsed but still

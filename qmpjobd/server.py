@@ -26,8 +26,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import trio
 
@@ -65,31 +65,29 @@ LINGER = 2.0
 SHUTDOWN_GRACE = 5
 
 
-@dataclass(frozen=True)
-class Listening:
+class Listening(NamedTuple):
     """A monitor socket, bound and listening before the event loop started (see listen.py)."""
 
     sock: socket.socket
     path: str
     pretty: bool
-    access: MonitorAccess = field(default_factory=MonitorAccess)
+    access: MonitorAccess = MonitorAccess()
     owned: bool = True  # bound here (its file removed at exit), not passed by systemd
 
 
-@dataclass
-class ServerOptions:
+class ServerOptions(NamedTuple):
     version: tuple[int, int, int]
     package: str
-    listening: list[Listening] = field(default_factory=list)
+    listening: Sequence[Listening] = ()
     # Connections accepted and greeted before the server started, with their listener's index.
-    greeted: list[tuple[socket.socket, int]] = field(default_factory=list)
+    greeted: Sequence[tuple[socket.socket, int]] = ()
     # stdin/stdout monitors (their pretty flags and roles).
-    stdio: list[tuple[bool, int]] = field(default_factory=list)
+    stdio: Sequence[tuple[bool, int]] = ()
     # --access-policy: the most each peer may do, by its uid and groups.
-    access_policy: AccessPolicy = field(default_factory=AccessPolicy)
-    limits: Limits = field(default_factory=Limits)
+    access_policy: AccessPolicy = AccessPolicy()
+    limits: Limits = Limits()
     # Called once the server serves every monitor (pidfile, daemonize, "listening on").
-    on_ready: Callable[[], None] = field(default=lambda: None)
+    on_ready: Callable[[], None] = lambda: None
 
 
 def tell(channel: FdChannel, last_words: bytes) -> None:

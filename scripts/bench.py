@@ -40,6 +40,14 @@
                                 a dense 1 GiB one, with the daemon's RSS (scripts/bench_qcow2.py;
                                 --provisioned: on an ext4 whose blocks are all backed, for a
                                 thin-provisioned disk)
+    scripts/bench.py startup    exec to the first reply to query-jobs (greeting, qmp_capabilities,
+                                query-jobs): qmpjobd plain, with the example's --schema and
+                                --handlers, and with a state dir of 100,000 finished tasks,
+                                against the import floor (exec to exit of `python -c "import
+                                trio, orjson"`) and qemu-storage-daemon; then `qmpjob list` on an
+                                idle daemon against `python -c pass`. The package's bytecode is
+                                compiled first, as an install does. Runs interleaved, median of
+                                --runs
     scripts/bench.py mirror-sparse
                                 blockdev-mirror of a 512 MiB raw file holding 5 MiB: time to
                                 READY
@@ -75,6 +83,7 @@ sys.path.insert(0, str(REPO))
 QUERY = b'{"execute": "query-jobs"}\n'
 NEGOTIATE = b'{"execute": "qmp_capabilities"}\n'
 REPEATS = 5
+STALL = 5.0  # seconds a daemon starting up may take to answer before the start is retried
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -194,10 +203,11 @@ def connect_when_listening(process: subprocess.Popen[bytes], path: str) -> socke
 
 
 @contextmanager
-def running(argv: list[str], path: str, stderr: int | None = None) -> Iterator[float]:
+def running(argv: list[str], path: str, stderr: int | None = None,
+            env: dict[str, str] | None = None) -> Iterator[float]:
     """Start a daemon; yield the milliseconds from exec to its greeting."""
     start = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=REPO, stderr=stderr)
+    process = subprocess.Popen(argv, cwd=REPO, stderr=stderr, env=env)
     try:
         probe = connect_when_listening(process, path)
         probe.recv(4096)  # the greeting
@@ -893,15 +903,136 @@ def monitor_under_changes(path: str, rate: int = 10_000, seconds: float = 5.0) -
     return samples
 
 
+# -- start-up --------------------------------------------------------------------------------
+
+
+def exec_to_exit_ms(argv: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    return (time.perf_counter() - start) * 1e3
+
+
+def jobs_reply_ms(argv: list[str], path: str, env: dict[str, str] | None = None) -> float:
+    """Exec to the reply to query-jobs, as a client has it: the greeting, qmp_capabilities and
+    its reply, then query-jobs; each request sent once the line before it came."""
+    for _ in range(3):
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, cwd=REPO, env=env)
+        try:
+            probe = connect_when_listening(process, path)
+            probe.settimeout(STALL)
+            client = Client.__new__(Client)
+            client.sock, client.buffer = probe, b""
+            client.read_line()
+            probe.sendall(NEGOTIATE)
+            client.read_line()
+            probe.sendall(QUERY)
+            reply = client.read_line()
+            elapsed = (time.perf_counter() - start) * 1e3
+            probe.close()
+        except TimeoutError:
+            # QSD, connected to as soon as its socket listens, now and then greets only once
+            # a second client knocks (seen once in 60 starts): not a start-up time; again.
+            print(f"  ({argv[0]} did not answer in {STALL:.0f} s: started again)")
+            continue
+        finally:
+            stop(process)
+        if not reply.startswith(b'{"return"'):
+            raise RuntimeError(f"{argv[0]}: query-jobs: {reply!r}")
+        return elapsed
+    raise RuntimeError(f"{argv[0]} did not answer three times")
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """The median of A's runs over B's, run by run: a drift in the machine's speed between
+    runs weighs on both sides of each ratio alike."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def bench_startup(given: str | None, runs: int) -> None:
+    # The bytecode an install compiles (an editable checkout under PYTHONDONTWRITEBYTECODE
+    # never has it, and would time the compiler instead).
+    examples = REPO / "examples" / "checksum"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "qmpjobd"),
+                    str(examples)], check=True)
+    installed = Path(sys.executable).with_name("qmpjob")
+    qmpjob = [str(installed)] if installed.exists() else [sys.executable, "-m",
+                                                           "qmpjobd.client"]
+    with bench_dir(given) as workdir:
+        state = os.path.join(workdir, "state")
+        fill_state_dir(state, 100_000)
+        counter = iter(range(1 << 30))
+
+        def fresh() -> str:  # a socket path no earlier run left behind
+            return os.path.join(workdir, f"s{next(counter)}.sock")
+
+        # The schema cache the daemon keeps between starts: the bench's own (warmed by an
+        # untimed round), and an empty one for each first start.
+        warm = {**os.environ, "XDG_CACHE_HOME": os.path.join(workdir, "cache")}
+        with_example = {**warm, "PYTHONPATH": str(examples)}
+
+        def no_cache() -> dict[str, str]:
+            return {**os.environ, "XDG_CACHE_HOME": tempfile.mkdtemp(dir=workdir)}
+
+        def ours(path: str, *extra: str) -> list[str]:
+            return [*qmpjobd_argv([path]), *extra]
+
+        rows: dict[str, Callable[[], float]] = {
+            "floor": lambda: exec_to_exit_ms([sys.executable, "-c", "import trio, orjson"]),
+            "qsd": lambda: jobs_reply_ms(qsd_argv([path := fresh()]), path),
+            "plain": lambda: jobs_reply_ms(ours(path := fresh()), path, warm),
+            "cold": lambda: jobs_reply_ms(ours(path := fresh()), path, no_cache()),
+            "example": lambda: jobs_reply_ms(
+                ours(path := fresh(), "--handlers", "qmpjobd_checksum"), path, with_example),
+            "tasks": lambda: jobs_reply_ms(
+                ours(path := fresh(), "--state-dir", state, "--max-tasks", "2000000"), path,
+                warm),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in rows}
+        for measure in rows.values():  # untimed: the page cache, the schema cache
+            measure()
+        for _ in range(runs):  # interleaved: a change in the machine's load weighs on all
+            for name, measure in rows.items():
+                samples[name].append(measure())
+        # qmpjob list, one-shot, on an idle daemon.
+        path = fresh()
+        one_shots: dict[str, list[float]] = {"pass": [], "list": []}
+        with running(ours(path), path, env=warm):
+            exec_to_exit_ms([*qmpjob, "-s", path, "list"])  # untimed: the page cache
+            for _ in range(runs):
+                one_shots["pass"].append(exec_to_exit_ms([sys.executable, "-c", "pass"]))
+                one_shots["list"].append(exec_to_exit_ms([*qmpjob, "-s", path, "list"]))
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    floor = median["floor"]
+    print(f"start-up: exec to the reply to query-jobs (median of {runs} runs, interleaved; "
+          "ratios taken run by run)")
+    label = 'import floor (python -c "import trio, orjson", to exit)'
+    print(f"  {label:58} {floor:6.1f} ms")
+    print(f"  {'qemu-storage-daemon 7.2':58} {median['qsd']:6.1f} ms")
+    for name, label in (("plain", "qmpjobd"),
+                        ("cold", "qmpjobd, its schema cache empty (a first start)"),
+                        ("example", "qmpjobd --handlers qmpjobd_checksum (its schema too)"),
+                        ("tasks", "qmpjobd --state-dir holding 100,000 finished tasks")):
+        to_floor, to_qsd = paired(samples[name], samples["floor"]), paired(samples[name],
+                                                                            samples["qsd"])
+        print(f"  {label:58} {median[name]:6.1f} ms  {to_floor:.2f}x the floor (goal <= 1.3), "
+              f"{to_qsd:.1f}x QSD's")
+    bare, listing = (statistics.median(one_shots[name]) for name in ("pass", "list"))
+    ratio = paired(one_shots["list"], one_shots["pass"])
+    print(f"qmpjob list on an idle daemon: {listing:.1f} ms against python -c pass "
+          f"{bare:.1f} ms: {ratio:.2f}x (goal <= 3)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("what", choices=["protocol", "scale", "schema", "copy", "sparse", "busy",
-                                         "tasks", "qcow2", "mirror-sparse"])
-    parser.add_argument("--runs", type=int, default=10, help="for schema: runs per figure")
-    parser.add_argument("--dir", help="for copy, sparse, busy, qcow2, mirror-sparse: where the "
-                        "image files go "
+                                         "tasks", "qcow2", "mirror-sparse", "startup"])
+    parser.add_argument("--runs", type=int, default=10,
+                        help="for schema, startup: runs per figure")
+    parser.add_argument("--dir", help="for copy, sparse, busy, qcow2, mirror-sparse, startup: "
+                        "where the image files (startup: the state dir) go "
                         "(default: a fresh directory under /var/tmp, removed at the end)")
     parser.add_argument("--provisioned", action="store_true",
                         help="for qcow2, mirror-sparse: the images on a fresh ext4 over a loop "
@@ -919,6 +1050,8 @@ def main() -> None:
         bench_sparse(args.dir)
     elif args.what == "tasks":
         bench_tasks(args.dir)
+    elif args.what == "startup":
+        bench_startup(args.dir, args.runs)
     elif args.what in ("qcow2", "mirror-sparse"):
         # Its own script (which builds on this one's daemons and clients): run, not imported.
         done = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_qcow2.py")),

@@ -5,7 +5,7 @@ with QEMU's checks in QEMU's order and words; and what the layers of a chain hol
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -21,8 +21,7 @@ def _filename(node: Node) -> str | None:
     return host.file.filename if host is not None else None
 
 
-@dataclass(frozen=True, slots=True)
-class CommitPlan:
+class CommitPlan(NamedTuple):
     """What block-commit merges: TOP and the images below it down to BASE_OVERLAY (included)
     into BASE. OVERLAY is the image whose backing file TOP is, whose header then names BASE
     (by BACKING_FILE, or the base's file name); None for an active commit (TOP is the device's
@@ -113,8 +112,7 @@ def find_backing_image(node: Node, name: str) -> Node | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class StreamPlan:
+class StreamPlan(NamedTuple):
     """What block-stream copies: into TOP, what the chain holds down to BASE_OVERLAY (included);
     BASE is what TOP's backing file becomes (None: no backing file)."""
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .errors import QapiError
-from .parser import TopLevel
 from .source import SourceInfo
+
+if TYPE_CHECKING:
+    from .parser import TopLevel
 
 METAS = ("enum", "struct", "union", "alternate", "command", "event")
 

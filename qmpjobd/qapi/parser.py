@@ -40,6 +40,8 @@ class TopLevel:
 class ParseResult:
     exprs: list[TopLevel] = field(default_factory=list)
     docs: list[Doc] = field(default_factory=list)
+    # Every file read, by absolute path, with the bytes it held when it was read.
+    sources: dict[str, bytes] = field(default_factory=dict)
 
 
 class _FileParser:
@@ -60,6 +62,7 @@ class _FileParser:
         included.add(os.path.abspath(fname))
         with open(fname, "rb") as stream:
             raw = stream.read()
+        result.sources[os.path.abspath(fname)] = raw
         try:
             src = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .doc import Doc
 from .errors import QapiError
 from .expr import c_name, check_exprs
-from .parser import TopLevel, parse_schema
 from .source import Pragma, SourceInfo
+
+if TYPE_CHECKING:
+    # A schema read back from qmpjobd's cache needs neither (schema_cache.py).
+    from .doc import Doc
+    from .parser import TopLevel
 
 IMPLICIT_PREFIX = "q_obj_"
 EMPTY_OBJECT = "q_empty"
@@ -701,6 +704,13 @@ class Schema:
                 enum.values.append(value)
                 known.add(value_name)
 
+    def drop_docs(self) -> None:
+        """Forget the documentation comments. They were checked as the schema was loaded, a
+        daemon has no other use for them, and without them a pickled schema is half the size."""
+        self.docs = []
+        for entity in self.entities:
+            entity.doc = None
+
     # -- lookups -------------------------------------------------------------------------
 
     def lookup(self, name: str) -> Entity | None:
@@ -892,8 +902,19 @@ def load_schema(fname: str, extra: Sequence[str] = (),
     """Parse and check the schema rooted at FNAME, with the EXTRA files as if FNAME included
     them last; raise QapiError if it is invalid. AMEND may change the expressions as read,
     before any check (qmpjobd adds its users' transaction actions to the built-in union)."""
+    return load_schema_sources(fname, extra, amend)[0]
+
+
+def load_schema_sources(
+    fname: str, extra: Sequence[str] = (),
+    amend: Callable[[list[TopLevel]], None] | None = None,
+) -> tuple[Schema, dict[str, bytes]]:
+    """load_schema's schema, and every file it was compiled from (absolute path -> the bytes
+    read): what a cache of the result must find unchanged."""
+    from .parser import parse_schema
+
     result, pragma = parse_schema(fname, extra)
     if amend is not None:
         amend(result.exprs)
     check_exprs(result.exprs)
-    return Schema(fname, result.exprs, result.docs, pragma)
+    return Schema(fname, result.exprs, result.docs, pragma), result.sources

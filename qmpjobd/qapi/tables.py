@@ -9,7 +9,7 @@ given defines: a command or event whose condition does not hold is not in the ta
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .introspect import SchemaInfo, introspect
 from .schema import Command, Event, ObjectType, Schema, Type
@@ -21,8 +21,7 @@ def python_name(name: str) -> str:
     return name.replace("-", "_").replace(".", "_")
 
 
-@dataclass(frozen=True, slots=True)
-class CommandEntry:
+class CommandEntry(NamedTuple):
     name: str
     check_arguments: Checker
     boxed: bool
@@ -35,16 +34,14 @@ class CommandEntry:
     features: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class EventEntry:
+class EventEntry(NamedTuple):
     name: str
     data: ObjectType | None
     boxed: bool
     features: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Tables:
+class Tables(NamedTuple):
     schema: Schema
     defines: frozenset[str]
     # Both in the order QEMU lists them (module, then definition order).

@@ -3,7 +3,7 @@ description), and the framing error a malformed input becomes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class QmpError(Exception):
@@ -29,8 +29,7 @@ def generic(desc: str) -> QmpError:
     return QmpError("GenericError", desc)
 
 
-@dataclass(frozen=True, slots=True)
-class FramingError:
+class FramingError(NamedTuple):
     """A syntax error or a limit hit in the input: a value the splitter yields in place of a
     message. QMP answers it with a GenericError carrying `desc`."""
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ..qobject import qdict_order
 from .encode import encode, encode_pretty
@@ -49,8 +48,7 @@ CAPABILITIES = ("oob",)
 INBAND_QUEUE = 8
 
 
-@dataclass(slots=True)
-class Request:
+class Request(NamedTuple):
     command: str
     arguments: dict[str, object]
     id: object  # NO_ID when the input had none

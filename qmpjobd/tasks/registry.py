@@ -10,13 +10,11 @@ comes from the store, after a sync, so it never sees a change that a crash could
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import uuid as uuids
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 import trio
@@ -39,8 +37,7 @@ QUERY_LIMIT_MAX: Final = 10000
 PROGRESS_INTERVAL: Final = 0.1
 
 
-@dataclass
-class TaskLimits:
+class TaskLimits(NamedTuple):
     retention: float = 86400.0  # seconds a finished task is kept
     max_tasks: int = 100_000  # finished tasks kept
     max_pending: int = 100_000  # client tasks pending at once
@@ -200,7 +197,7 @@ class TaskRegistry:
             position = await self.feed.read(self.feed.store.position, after)
             if position is None:
                 raise TaskError(f"Task '{after}' not found")
-            query = dataclasses.replace(query, after=position)
+            query = query._replace(after=position)
         return await self.feed.read(self.feed.store.query, query)
 
     # -- client tasks --------------------------------------------------------------------

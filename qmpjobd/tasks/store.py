@@ -25,8 +25,7 @@ import fcntl
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -76,8 +75,7 @@ CREATE INDEX tasks_by_job ON tasks (job_id) WHERE job_id IS NOT NULL;
 VERSION: Final = max(_MIGRATIONS)
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One change to commit: SEQ, its KIND (add, mod, del; or rec: the record stored, not a
     change of the log), the task's UUID and its record (None for del). FINISHED_DELTA: +1 when
     the change finishes the task, -1 when it removes a finished one (the count retention works
@@ -90,8 +88,7 @@ class Change:
     finished_delta: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Loaded:
+class Loaded(NamedTuple):
     """What the daemon needs at start-up: the counters, and the live tasks (not finished, or
     with a job that existed)."""
 
@@ -101,8 +98,7 @@ class Loaded:
     live: list[dict[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+class Query(NamedTuple):
     """query-tasks' filters, already checked; None: no filter."""
 
     statuses: Sequence[str] | None = None

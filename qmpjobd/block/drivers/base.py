@@ -23,8 +23,7 @@ import errno
 import itertools
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, Protocol
 
 from ..errors import BlockError
 
@@ -40,8 +39,7 @@ def sectors_up(size: int) -> int:
     return -(-size // SECTOR) * SECTOR
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(NamedTuple):
     """The status of a range's first LENGTH bytes: all of them alike."""
 
     length: int
@@ -51,8 +49,7 @@ class Extent:
     allocated: bool
 
 
-@dataclass(frozen=True, slots=True)
-class HostExtent:
+class HostExtent(NamedTuple):
     """Where a node's range lives on the host: OFFSET in the file node FILE, for LENGTH bytes."""
 
     file: FileNode
@@ -364,8 +361,7 @@ CreateImage = Callable[[Opener, dict[str, Any]], Awaitable[None]]
 MakeImage = Callable[[str, int, "tuple[str, str] | None"], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Driver:
+class Driver(NamedTuple):
     """A driver as the registry knows it: the class of its nodes (which says what the driver
     is and reports), how it opens one and, if it can, how it creates an image.
     `open(opener, name, options, inherited)` makes a node from blockdev-add's checked options;
