@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
+import os
 import random
 import re
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,6 +252,50 @@ def test_watch_draws_the_job_and_ends_with_it(daemon: DaemonProcess,
     out, err = watcher.communicate(timeout=WAIT)
     assert (watcher.returncode, err) == (0, "")
     assert out.split()[:3] == ["j", "backup", "success"], out  # however soon it ended
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_watch_on_a_terminal_draws_bars_that_advance(daemon: DaemonProcess,
+                                                     monitor: QmpConnection) -> None:
+    """On a pseudo-terminal: rich's live view, redrawn in place; the job's bar moves on as
+    the job does, and the command ends with the job."""
+    slow_backup(monitor)
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    watcher = subprocess.Popen([str(QMPJOB), "-s", str(daemon.socket_path), "watch", "j"],
+                               stdin=follower, stdout=follower, stderr=follower,
+                               env={**os.environ, "TERM": "xterm-256color"})
+    os.close(follower)
+    drawn = b""
+    running = re.compile(r"j +backup +running +\S* +(\d+)%")
+    shown: list[int] = []  # the percentages the job's row showed, frame after frame
+    # Once its row shows, 2 MiB/s; once the row has shown three values, no limit: it ends.
+    stages = [(1, 2 << 20), (3, 0)]
+    try:
+        while True:
+            ready, _, _ = select.select([leader], [], [], WAIT)
+            assert ready, f"no frame in {WAIT} s: {drawn[-500:]!r}"
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            drawn += chunk
+            now = [int(p) for p in running.findall(ANSI.sub("", drawn.decode(errors="replace")))]
+            shown = now
+            if stages and len(set(shown)) >= stages[0][0]:
+                ok(monitor, "block-job-set-speed", {"device": "j", "speed": stages.pop(0)[1]})
+    finally:
+        os.close(leader)
+    assert watcher.wait(timeout=WAIT) == 0
+    text = drawn.decode(errors="replace")
+    assert "\x1b[" in text  # drawn for a terminal: moved over and redrawn in place
+    assert shown == sorted(shown) and len(set(shown)) >= 3, shown
+    last = ANSI.sub("", text).rstrip().splitlines()[-1]
+    assert re.match(r"j +backup +success +\S+ +100%", last), last
 
 
 def test_errors_are_one_line(daemon: DaemonProcess, tmp_path: Path) -> None:
