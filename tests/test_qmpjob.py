@@ -214,12 +214,15 @@ def test_events_tail_every_event(daemon: DaemonProcess, monitor: QmpConnection) 
             pending = [tail for tail in pending if tail.stdout not in ready]
         ok(monitor, "job-cancel", {"id": "j"})
         lines = []
-        for tail in tails:
+        for tail, last in zip(tails, ('"status":"null"', "status=null"), strict=True):
             assert tail.stdout is not None
             seen = [tail.stdout.readline()]
-            while '"status": "null"' not in seen[-1] and "status=null" not in seen[-1]:
+            while last not in seen[-1]:
                 seen.append(tail.stdout.readline())
             lines.append(seen)
+        # --json: each event as the daemon sent it (its compact text, its key order).
+        assert all(line == json.dumps(json.loads(line), separators=(",", ":")) + "\n"
+                   for line in lines[0]), lines[0]
         statuses = [event["data"]["status"] for event in map(json.loads, lines[0])
                     if event["event"] == "JOB_STATUS_CHANGE"]
         assert statuses[-3:] == ["aborting", "concluded", "null"]

@@ -1,5 +1,5 @@
 """A QMP connection over a blocking Unix socket, for the one-shot `qmpjob` subcommands: connect,
-negotiate, run commands, read events as they come."""
+negotiate, run commands and dialogues (queries.py), read events as they come."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import collections
 import select
 import time
 
-from ..qmp.client import ClientProtocol, ProtocolError, reply_value
+from ..qmp.client import ClientProtocol, CommandFailed, ProtocolError, reply_value
 
 # typing itself would cost a one-shot client 3 ms to load (mypy reads this as typing's).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from .queries import Dialogue, T
 
 
 class ConnectFailed(Exception):
@@ -72,6 +74,21 @@ class Connection:
                 return reply_value(message)
             else:
                 raise ProtocolError(f"a reply to no command of ours: {message!r}")
+
+    def run(self, dialogue: Dialogue[T]) -> T:
+        """What DIALOGUE returns, its commands run one after the other (queries.py)."""
+        try:
+            request = next(dialogue)
+            while True:
+                try:
+                    value = self.execute(*request)
+                except CommandFailed as e:
+                    request = dialogue.throw(e)
+                else:
+                    request = dialogue.send(value)
+        except StopIteration as done:
+            result: T = done.value
+            return result
 
     def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next event (those kept first); None if none came within TIMEOUT seconds

@@ -26,7 +26,8 @@ from .. import paths
 from ..qmp.client import CommandFailed, ProtocolError
 from . import render
 from .connection import ConnectFailed, Connection
-from .outcomes import FINISHED, Outcomes
+from .outcomes import FINISHED, follow
+from .queries import query_tasks, rows
 
 # typing itself would cost a one-shot client 3 ms to load (mypy reads this as typing's).
 TYPE_CHECKING = False
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-PAGE = 1000  # task records asked for at a time
 VERBS = {"pause": "job-pause", "resume": "job-resume", "cancel": "job-cancel",
          "complete": "job-complete", "finalize": "job-finalize", "dismiss": "job-dismiss"}
 SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -97,74 +97,6 @@ def byte_count(text: str) -> int:
 
 # -- list ----------------------------------------------------------------------------------------
 
-def query_tasks(conn: Connection, query: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every task record QUERY matches, page after page (the daemon gives at most PAGE at a
-    time); none from a daemon without task records (qemu-storage-daemon: jobs only)."""
-    found: list[dict[str, Any]] = []
-    page: dict[str, Any] = {**query, "limit": PAGE}
-    while True:
-        try:
-            batch = conn.execute("query-tasks", page)
-        except CommandFailed as e:
-            if e.cls == "CommandNotFound":
-                return found
-            raise
-        found += batch
-        if len(batch) < PAGE:
-            return found
-        page["after"] = batch[-1]["uuid"]
-
-
-def rows(conn: Connection, everything: bool) -> list[dict[str, Any]]:
-    """The jobs and the task records to show: one entry each (a job's task with its job)."""
-    now = time.time()
-    jobs = conn.execute("query-jobs")
-    limits = {job["device"]: job.get("speed", 0)
-              for job in (conn.execute("query-block-jobs") if jobs else [])}
-    tasks = query_tasks(conn, {} if everything else {"status": ["pending", "cancelling"]})
-    # Newest first: a job id's first task is its job's (an id may have been used before).
-    by_job: dict[str, dict[str, Any]] = {}
-    for task in tasks:
-        if "job-id" in task:
-            by_job.setdefault(task["job-id"], task)
-    for job in jobs:  # ended, not dismissed yet: its task is finished
-        if job["id"] not in by_job:
-            for task in query_tasks(conn, {"job-id": job["id"]})[:1]:
-                by_job[job["id"]] = task
-    shown: set[str] = set()
-    out = []
-    for job in jobs:
-        task = by_job.get(job["id"], {})
-        if task:
-            shown.add(task["uuid"])
-        total, current = job["total-progress"], job["current-progress"]
-        started = render.parse_time(task.get("started"))
-        rate = current / (now - started) if started and now > started and current else None
-        out.append(entry("job", job["id"], job["type"], job["status"], task, now,
-                         current / total if total else None, rate, limits.get(job["id"]),
-                         current=current, total=total))
-    for task in tasks:
-        if task["uuid"] in shown:
-            continue
-        ident = task.get("job-id", task["uuid"])
-        out.append(entry("task", ident, task["type"], task["status"], task, now,
-                         task["progress"], None, None))
-    return out
-
-
-def entry(kind: str, ident: str, type_: str, status: str, task: dict[str, Any], now: float,
-          progress: float | None, rate: float | None, limit: int | None,
-          **extra: Any) -> dict[str, Any]:
-    created = render.parse_time(task.get("created"))
-    eta = render.parse_time(task.get("eta"))
-    return {"kind": kind, "id": ident, "uuid": task.get("uuid"), "type": type_,
-            "status": status, "progress": progress, **{f"{k}-progress": v
-                                                      for k, v in extra.items()},
-            "speed": rate, "speed-limit": limit or None,
-            "eta": None if eta is None else max(0.0, eta - now),
-            "age": None if created is None else max(0.0, now - created)}
-
-
 def show_rows(found: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         for row in found:
@@ -185,14 +117,14 @@ def show_rows(found: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def do_list(conn: Connection, args: argparse.Namespace) -> int:
-    show_rows(rows(conn, args.all), args.json)
+    show_rows(conn.run(rows(args.all)), args.json)
     return EXIT_OK
 
 
 # -- wait ----------------------------------------------------------------------------------------
 
 def do_wait(conn: Connection, args: argparse.Namespace) -> int:
-    outcomes = Outcomes(conn, args.ids)
+    outcomes = conn.run(follow(args.ids))
     while outcomes.waiting:
         event = conn.next_event()
         if event is not None:
@@ -224,25 +156,6 @@ def do_set_speed(conn: Connection, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- events --------------------------------------------------------------------------------------
-
-def event_line(event: dict[str, Any]) -> str:
-    stamp = event.get("timestamp", {})
-    seconds = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
-    data = event.get("data", {})
-    fields = " ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
-                      for key, value in data.items())
-    return f"{when}.{stamp.get('microseconds', 0):06d} {event['event']} {fields}".rstrip()
-
-
-def do_events(conn: Connection, args: argparse.Namespace) -> int:
-    while True:
-        event = conn.next_event()
-        if event is not None:
-            print(json.dumps(event) if args.json else event_line(event), flush=True)
-
-
 # -- tasks ---------------------------------------------------------------------------------------
 
 def do_tasks(conn: Connection, args: argparse.Namespace) -> int:
@@ -255,7 +168,7 @@ def do_tasks(conn: Connection, args: argparse.Namespace) -> int:
         query["type"] = args.type
     if args.label is not None:
         query["name-label"] = args.label
-    found = query_tasks(conn, query)
+    found = conn.run(query_tasks(query))
     if args.json:
         for task in found:
             print(json.dumps(task))
@@ -290,29 +203,10 @@ def do_schema(conn: Connection, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def do_watch(conn: Connection, args: argparse.Namespace) -> int:
-    from .watch import watch  # rich, only for the live view
-
-    outcomes = Outcomes(conn, args.ids) if args.ids else None
-
-    def fetch() -> list[dict[str, Any]]:
-        # The jobs and running tasks, and the named ones however they ended.
-        found = rows(conn, False)
-        if outcomes is not None:
-            shown = {row["uuid"] for row in found}
-            now = time.time()
-            found += [entry("task", ident, task["type"], task["status"], task, now,
-                            task["progress"], None, None)
-                      for uuid, (ident, task) in outcomes.tasks.items() if uuid not in shown]
-        return found
-
-    watch(conn, outcomes, fetch)
-    return EXIT_OK if outcomes is None or outcomes.report() else EXIT_REFUSED
-
-
+LIVE_VIEWS = frozenset({"watch", "events"})  # on trio (live.py); the rest, one-shots, here
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
-    "list": do_list, "watch": do_watch, "wait": do_wait, "set-speed": do_set_speed,
-    "events": do_events, "tasks": do_tasks, "schema": do_schema,
+    "list": do_list, "wait": do_wait, "set-speed": do_set_speed, "tasks": do_tasks,
+    "schema": do_schema,
     **{verb: do_verb for verb in VERBS},
 }
 
@@ -326,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             private = paths.private_directory()
             if private is not None and os.path.lexists(private):
                 paths.check_private(private)  # else another user could stand in for it
+        if args.command in LIVE_VIEWS:
+            from .live import view  # trio, and rich: for the live views only
+
+            return view(path, args)
         with Connection(path) as conn:
             return COMMANDS[args.command](conn, args)
     except CommandFailed as e:

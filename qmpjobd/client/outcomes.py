@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 from ..qmp.client import CommandFailed
-from .connection import Connection
 
 # typing itself would cost a one-shot client 3 ms to load (mypy reads this as typing's).
 TYPE_CHECKING = False
@@ -17,18 +16,35 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
+    from .queries import Dialogue
+
 FINISHED = frozenset({"success", "failure", "cancelled"})
 
 
-def find_task(conn: Connection, ident: str) -> dict[str, Any]:
+def find_task(ident: str) -> Dialogue[dict[str, Any]]:
     """The task IDENT names: the newest of the job with that id, else the task of that uuid."""
-    found = conn.execute("query-tasks", {"job-id": ident, "limit": 1})
+    found = yield "query-tasks", {"job-id": ident, "limit": 1}
     if found:
         return dict(found[0])
     try:
-        return dict(conn.execute("query-task", {"uuid": ident}))
+        return dict((yield "query-task", {"uuid": ident}))
     except CommandFailed:
         raise CommandFailed("GenericError", f"no job or task '{ident}'") from None
+
+
+def follow(idents: Sequence[str]) -> Dialogue[Outcomes]:
+    """The Outcomes of IDENTS: a task watch started, then each ID's task looked up."""
+    try:
+        yield "task-watch", None
+    except CommandFailed as e:
+        if e.cls != "CommandNotFound":
+            raise
+        raise CommandFailed(e.cls, "waiting for jobs needs the daemon's task records, and "
+                            "this one has none (no task-watch)") from None
+    outcomes = Outcomes()
+    for ident in idents:
+        outcomes.found(ident, (yield from find_task(ident)))
+    return outcomes
 
 
 def outcome(ident: str, task: dict[str, Any]) -> str | None:
@@ -44,26 +60,21 @@ def outcome(ident: str, task: dict[str, Any]) -> str | None:
 
 class Outcomes:
     """The tasks of the IDs asked for, followed to their end by the TASK_CHANGE events of a
-    watch started before they were looked up (a change after the look is never missed)."""
+    watch started before they were looked up (a change after the look is never missed):
+    made by `follow`, then told each event as it comes."""
 
-    def __init__(self, conn: Connection, idents: Sequence[str]) -> None:
-        try:
-            conn.execute("task-watch")
-        except CommandFailed as e:
-            if e.cls != "CommandNotFound":
-                raise
-            raise CommandFailed(e.cls, "waiting for jobs needs the daemon's task records, and "
-                                "this one has none (no task-watch)") from None
+    def __init__(self) -> None:
         self.waiting: dict[str, str] = {}  # uuid -> the ID it was asked by
         self.failures: list[str] = []
         self.tasks: dict[str, tuple[str, dict[str, Any]]] = {}  # uuid -> ID, latest record
-        for ident in idents:
-            task = find_task(conn, ident)
-            self.tasks[task["uuid"]] = (ident, task)
-            if task["status"] in FINISHED:
-                self._ended(ident, task)
-            else:
-                self.waiting[task["uuid"]] = ident
+
+    def found(self, ident: str, task: dict[str, Any]) -> None:
+        """IDENT's task, as first looked up."""
+        self.tasks[task["uuid"]] = (ident, task)
+        if task["status"] in FINISHED:
+            self._ended(ident, task)
+        else:
+            self.waiting[task["uuid"]] = ident
 
     def _ended(self, ident: str, task: dict[str, Any]) -> None:
         failure = outcome(ident, task)

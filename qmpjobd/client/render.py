@@ -1,12 +1,17 @@
-"""Plain-text pieces of `qmpjob`'s output: sizes, durations, progress bars, aligned tables.
+"""Plain-text pieces of `qmpjob`'s output: sizes, durations, progress bars, aligned tables,
+events as lines.
 (The one-shot subcommands draw with these; only the live view loads rich.)"""
 
 from __future__ import annotations
+
+import json
+import time
 
 # typing itself would cost a one-shot client 3 ms to load (mypy reads this as typing's).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Any
 
 
 BAR_WIDTH = 20
@@ -69,3 +74,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
              .rstrip() for row in [header, *rows]]
     return "\n".join(lines)
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """An event as a line: its time, its name, then its data's members as key=value."""
+    stamp = event.get("timestamp", {})
+    seconds = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    data = event.get("data", {})
+    fields = " ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+                      for key, value in data.items())
+    return f"{when}.{stamp.get('microseconds', 0):06d} {event['event']} {fields}".rstrip()

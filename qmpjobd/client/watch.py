@@ -1,17 +1,16 @@
-"""`qmpjob watch`: one progress bar per job and running task, redrawn by rich. The rows are
-fetched again twice a second and at once when a job's status changes (an event), never in a
-tight loop."""
+"""`qmpjob watch`'s drawing: one rich progress bar per job and running task. The rows are
+fetched again twice a second, and at once when events come, never in a tight loop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
 from . import render
-from .connection import Connection
 
 if TYPE_CHECKING:
     from .outcomes import Outcomes
@@ -19,27 +18,29 @@ if TYPE_CHECKING:
 POLL = 0.5  # seconds between two looks at the jobs without an event
 
 
-def watch(conn: Connection, outcomes: Outcomes | None,
-          fetch: Callable[[], list[dict[str, Any]]]) -> None:
-    """Draw until OUTCOMES has nothing left to wait for (with none: until interrupted)."""
+async def draw(outcomes: Outcomes | None,
+               fetch: Callable[[], Awaitable[list[dict[str, Any]]]],
+               events: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
+    """Draw what FETCH finds until OUTCOMES has nothing left to wait for (with none: until
+    interrupted), and again whenever EVENTS has some."""
     progress = Progress(
         TextColumn("{task.fields[ident]}"), TextColumn("{task.fields[type]}"),
         TextColumn("{task.fields[status]}"), BarColumn(), TaskProgressColumn(),
         TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[eta]}"),
         TextColumn("{task.fields[age]}"), auto_refresh=False)
     bars: dict[tuple[str, str], TaskID] = {}
-    live = Live(progress, refresh_per_second=4, transient=False)
+    # Drawn from here only (no refresh thread of rich's): after each look.
+    live = Live(progress, auto_refresh=False, transient=False)
     with live:
         while True:
-            _redraw(progress, bars, fetch())
+            _redraw(progress, bars, await fetch())
             live.refresh()
             if outcomes is not None and not outcomes.waiting:
                 break
-            event = conn.next_event(POLL)
-            while event is not None:
-                if outcomes is not None:
-                    outcomes.seen(event)
-                event = conn.next_event(0)
+            with trio.move_on_after(POLL):  # the next look: then, or once events come
+                for event in await events():
+                    if outcomes is not None:
+                        outcomes.seen(event)
     if not live.console.is_terminal:
         live.console.line()  # (a terminal's last frame ends its line; a pipe's does not)
 

@@ -2,9 +2,10 @@
 
 `ClientProtocol` turns what a daemon sends into messages (the greeting, replies, events), in
 pieces of any size, and commands into bytes with ids of their own. It owns no socket and no
-event loop: `qmpjob` drives it over a blocking socket, a trio program would drive it the same
-way. Only the standard library's json is used, so that a one-shot client starts fast (the
-daemon's own splitter is built for hostile input and costs tens of milliseconds to import).
+event loop: `qmpjob` drives it over a blocking socket for its one-shot subcommands, and over
+trio for its live views. Only the standard library's json is used, so that a one-shot client
+starts fast (the daemon's own splitter is built for hostile input and costs tens of
+milliseconds to import).
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ class ClientProtocol:
 
     def receive(self, data: bytes) -> list[dict[str, Any]]:
         """The whole messages DATA completes, in order (the greeting among them, once)."""
+        return [message for message, _ in self.receive_text(data)]
+
+    def receive_text(self, data: bytes) -> list[tuple[dict[str, Any], str]]:
+        """receive()'s messages, each with its text as the daemon sent it."""
         try:
             self._buffer += self._text.decode(data)
         except UnicodeDecodeError as e:
             raise ProtocolError(f"the daemon sent bytes that are not UTF-8: {e}") from None
-        messages: list[dict[str, Any]] = []
+        messages: list[tuple[dict[str, Any], str]] = []
         position = 0
         end = len(self._buffer)
         while True:
@@ -69,6 +74,7 @@ class ClientProtocol:
                 position += 1
             if position == end:
                 break
+            start = position
             try:
                 message, position = self._decoder.raw_decode(self._buffer, position)
             except json.JSONDecodeError:
@@ -83,7 +89,7 @@ class ClientProtocol:
                 if "QMP" not in message:
                     raise ProtocolError("the daemon did not greet with a QMP greeting")
                 self.greeting = message
-            messages.append(message)
+            messages.append((message, self._buffer[start:position]))
         self._buffer = self._buffer[position:]
         return messages
 
