@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import os
 import resource
@@ -19,7 +18,6 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import PACKAGE, QMP_API_VERSION, __version__, logs, paths, systemd
@@ -30,12 +28,8 @@ from .qapi.errors import KeyvalError
 from .qapi.keyval import split
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from . import api
     from .context import Daemon
     from .dispatch import Dispatcher
-    from .jobs.job import Job
     from .qapi.parser import TopLevel
     from .qapi.tables import Tables
 
@@ -45,7 +39,6 @@ if TYPE_CHECKING:
 # The product's schema, inside the package (qmpjobd/schema is the repository's schema/, which
 # the wheel carries along), so that --schema works from any install.
 DEFAULT_SCHEMA = (Path(__file__).resolve().parent / "schema" / "qapi-schema.json").resolve()
-HANDLERS_GROUP = "qmpjobd.handlers"
 # The build conditions the schema's 'if' conditions are evaluated under: those of the
 # qemu-storage-daemon qmpjobd stands in for (Debian bookworm's 7.2), so that conditional members
 # and values (BlockdevOptionsFile's drop-cache, BlockdevAioOptions' io_uring, ...) are there
@@ -433,23 +426,23 @@ def _setup_logging(config: Config) -> None:
 
 
 def _build(config: Config) -> tuple[Daemon, Dispatcher]:
-    from . import schema_cache
+    from . import extensions, schema_cache
     from .commands import MODULES
     from .context import handlers_in
     from .dispatch import Dispatcher, StartupError
-    from .qapi import QapiError
+    from .qapi import QapiError, load_schema
     from .qapi.tables import build_tables
 
     modules = list(MODULES)
-    users = _user_modules(config)
+    users = extensions.user_modules(config.handler_modules)
     modules += users
     # Files the modules name (SCHEMA: a path, or a list of them, next to the module).
     schema_files = list(config.schema_files)
     for module in users:
-        for path in _module_schema(module):
+        for path in extensions.module_schema(module):
             if path not in schema_files:
                 schema_files.append(path)
-    actions = _transaction_actions(users)
+    actions = extensions.transaction_actions(users)
 
     def amend(exprs: list[TopLevel]) -> None:
         # The users' actions join the built-in union and its kinds (as QEMU's schema would
@@ -468,6 +461,13 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
         schema = schema_cache.load(str(DEFAULT_SCHEMA), schema_files, amend if actions else None,
                                    actions, schema_cache.default_directory())
     except QapiError as exc:
+        if actions:  # an action class at fault is named, rather than the union's line
+            try:
+                plain = load_schema(str(DEFAULT_SCHEMA), schema_files)
+            except QapiError:
+                pass  # the users' files themselves: exc says where
+            else:
+                extensions.blame_actions(plain, users)
         if not schema_files:
             raise
         if exc.info is None:  # a file that cannot be read: the option names it
@@ -475,8 +475,9 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
         raise StartupError(str(exc)) from None  # (it names the file and line)
     except OSError as exc:
         raise StartupError(f"--schema: {exc}") from None
-    kinds = _job_kinds(users)
+    kinds = extensions.job_kinds(users)
     if kinds:
+        extensions.check_job_kinds(schema, users)
         schema.add_enum_values("JobType", kinds)
     tables = build_tables(schema, SCHEMA_DEFINES)
     check = bool(os.environ.get("QMPJOBD_CHECK_REPLIES"))
@@ -489,128 +490,13 @@ def _build(config: Config) -> tuple[Daemon, Dispatcher]:
                             user_commands=users_commands)
     daemon = _daemon(config, tables)
     daemon.command_roles = dispatcher.roles
-    daemon.transaction_actions = _action_builders(users)
+    daemon.transaction_actions = extensions.action_builders(users)
     limits = Limits(**config.limits)
     daemon.jobs.max_jobs = limits.max_jobs
     daemon.graph.max_nodes = limits.max_nodes
     for text in config.blockdevs:
         _add_blockdev(daemon, text)
     return daemon, dispatcher
-
-
-def _user_modules(config: Config) -> list[ModuleType]:
-    """The modules of --handlers, then those the installed packages name in the entry-point
-    group qmpjobd.handlers."""
-    from .dispatch import StartupError
-
-    found = []
-    for name in config.handler_modules:
-        try:
-            found.append(importlib.import_module(name))
-        except Exception as exc:  # ImportError, or whatever the module raised as it loaded
-            raise StartupError(f"--handlers {name}: cannot import: {exc}") from None
-    for name, value in entry_points(HANDLERS_GROUP):
-        module_name, _, attribute = value.partition(":")
-        try:
-            loaded = importlib.import_module(module_name.strip())
-            if attribute:
-                loaded = getattr(loaded, attribute.strip())
-        except Exception as exc:
-            raise StartupError(f"entry point {name} ({value}) of {HANDLERS_GROUP}: cannot "
-                               f"load: {exc}") from None
-        if not isinstance(loaded, ModuleType):
-            raise StartupError(f"entry point {name} of {HANDLERS_GROUP}: {value} is not a "
-                               "module")
-        if loaded not in found:
-            found.append(loaded)
-    return found
-
-
-def entry_points(group: str) -> list[tuple[str, str]]:
-    """(name, value) of each entry point in GROUP of the distributions on sys.path, the first
-    of a name winning: what importlib.metadata finds, without its 50 ms of start-up (it reads
-    every distribution's metadata; this reads the entry_points.txt files only)."""
-    found: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for directory in sys.path:
-        try:
-            entries = sorted(os.scandir(directory or "."), key=lambda e: e.name)
-        except OSError:
-            continue
-        for entry in entries:
-            if not entry.name.endswith((".dist-info", ".egg-info")):
-                continue
-            distribution = entry.name.rsplit(".", 1)[0].split("-")[0].lower().replace("_", "-")
-            if distribution in seen:
-                continue
-            seen.add(distribution)
-            try:
-                with open(os.path.join(entry.path, "entry_points.txt"), encoding="utf-8",
-                          errors="replace") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            section = None
-            for line in text.splitlines():
-                line = line.strip()
-                if line.startswith("[") and line.endswith("]"):
-                    section = line[1:-1].strip()
-                elif section == group and "=" in line and not line.startswith(("#", ";")):
-                    name, _, value = line.partition("=")
-                    found.append((name.strip(), value.strip()))
-    return found
-
-
-def _module_schema(module: ModuleType) -> list[str]:
-    """The schema files a handler module names (its SCHEMA: one path or several, relative to
-    the module's own directory)."""
-    named = getattr(module, "SCHEMA", None)
-    if named is None:
-        return []
-    paths_named = [named] if isinstance(named, str | os.PathLike) else list(named)
-    base = os.path.dirname(getattr(module, "__file__", None) or ".")
-    return [os.path.join(base, os.fspath(path)) for path in paths_named]
-
-
-def _user_job_classes(modules: list[ModuleType]) -> list[type[Job]]:
-    from .jobs.job import Job
-
-    return [value for module in modules for value in vars(module).values()
-            if isinstance(value, type) and issubclass(value, Job) and value.job_type
-            and value.__module__ == module.__name__]
-
-
-def _action_classes(modules: list[ModuleType]) -> list[type[api.Job]]:
-    """The users' job kinds that are transaction actions (api.Job.transaction_action)."""
-    from . import api
-
-    return [cls for cls in _user_job_classes(modules)
-            if issubclass(cls, api.Job) and cls.transaction_action is not None]
-
-
-def _transaction_actions(modules: list[ModuleType]) -> list[tuple[str, str]]:
-    """(action, wrapper struct) of each of them."""
-    found: list[tuple[str, str]] = []
-    for cls in _action_classes(modules):
-        assert cls.transaction_action is not None
-        if cls.transaction_action not in found:
-            found.append(cls.transaction_action)
-    return found
-
-
-def _action_builders(modules: list[ModuleType]) -> dict[str, Callable[..., Any]]:
-    return {cls.transaction_action[0]: cls.from_action for cls in _action_classes(modules)
-            if cls.transaction_action is not None}
-
-
-def _job_kinds(modules: list[ModuleType]) -> list[str]:
-    """The job types of the users' job kinds (qmpjobd.api.Job subclasses), which JobType
-    gains."""
-    kinds: list[str] = []
-    for cls in _user_job_classes(modules):
-        if cls.job_type not in kinds:
-            kinds.append(cls.job_type)
-    return kinds
 
 
 def _daemon(config: Config, tables: Tables) -> Daemon:

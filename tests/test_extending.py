@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,43 @@ def example_env(**extra: str) -> dict[str, str]:
     return daemon_env(PYTHONPATH=f"{REPO}{os.pathsep}{EXAMPLE}", **extra)
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    with DaemonProcess.start(tmp_path, "--log", str(tmp_path / "qmpjobd.log"), "--handlers",
-                             "qmpjobd_checksum", program=QMPJOBD, env=example_env()) as process:
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away venv with examples/checksum installed by pip, as a user installs it: a
+    real dist-info with its entry point in qmpjobd.handlers. qmpjobd and its dependencies come
+    from this checkout and this environment (a .pth file). The venv's python."""
+    if os.environ.get("QMPJOBD_OFFLINE") == "1":
+        pytest.skip("pip needs the network (the example builds with setuptools >= 77)")
+    where = tmp_path_factory.mktemp("installed")
+    venv = where / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (Path(site) / "checkout.pth").write_text(f"{REPO}\n{sysconfig.get_path('purelib')}\n")
+    source = where / "source"  # (a build writes into its source tree: not this checkout)
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--no-deps", str(source)], check=True, timeout=300, capture_output=True)
+    found = subprocess.run([python, "-c", "import qmpjobd_checksum as m; print(m.__file__)"],
+                           check=True, capture_output=True, text=True).stdout
+    assert found.startswith(site), found  # the installed copy, not the example's source
+    return python
+
+
+@pytest.fixture(params=["--handlers", "installed"])
+def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DaemonProcess]:
+    """The example loaded by --handlers from its source, or found by the entry point of its
+    installed distribution (no option)."""
+    log = ("--log", str(tmp_path / "qmpjobd.log"))
+    if request.param == "--handlers":
+        started = DaemonProcess.start(tmp_path, *log, "--handlers", "qmpjobd_checksum",
+                                      program=QMPJOBD, env=example_env())
+    else:
+        python = request.getfixturevalue("installed")
+        started = DaemonProcess.start(tmp_path, *log, program=[str(python), "-m", "qmpjobd"],
+                                      env=daemon_env())
+    with started as process:
         yield process
 
 
@@ -126,6 +160,8 @@ def test_the_users_kinds_and_commands_in_the_schema(conn: QmpConnection) -> None
     job_types = [e for e in schema.values() if e["meta-type"] == "enum"
                  and "backup" in e["values"] and "stream" in e["values"]]
     assert len(job_types) == 1 and job_types[0]["values"][-1] == "x-checksum"
+    # What qmp-shell completes from.
+    assert "x-checksum" in {command["name"] for command in ok(conn, "query-commands")}
     refused = conn.execute("x-checksum", {"job-id": "c", "device": "nothing"})
     assert refused["error"]["desc"] == "Failed to find node with node-name='nothing'"
     bad = conn.execute("x-checksum", {"job-id": "c"})
@@ -150,7 +186,8 @@ def test_an_operator_may_run_a_command_whose_schema_says_so(tmp_path: Path) -> N
 
 def test_an_installed_package_is_found_by_its_entry_point(tmp_path: Path) -> None:
     """A distribution on the path naming qmpjobd_checksum in the group qmpjobd.handlers (as
-    `pip install examples/checksum` makes one): no --handlers needed."""
+    `pip install examples/checksum` makes one): no --handlers needed. (The `installed` venv
+    does the same with pip; this needs no network.)"""
     site = tmp_path / "site"
     info = site / "qmpjobd_checksum-1.0.dist-info"
     info.mkdir(parents=True)
@@ -195,6 +232,39 @@ def test_schema_and_handlers_that_disagree_name_file_and_line(tmp_path: Path) ->
     error = start_error(tmp_path, "--schema", str(schema))
     assert error == (f"qmpjobd: {schema}: In command 'x-mine':\n{schema}:6: parameter 'count' uses "
                      "unknown type 'Nothing'\n")
+
+
+KIND = """from typing import Any
+
+from qmpjobd.api import Context, Job
+
+
+class Mine(Job):
+    job_type = {job_type!r}
+    transaction_action = {action!r}
+
+    @classmethod
+    def from_action(cls, ctx: Context, arguments: dict[str, Any]) -> Job:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        pass
+"""
+
+
+@pytest.mark.parametrize(("job_type", "action", "complaint"), [
+    ("backup", None, "job_type 'backup' of Mine is a built-in job type"),
+    ("My_Kind", None, "job_type 'My_Kind' of Mine is not a job type's name"),
+    ("x-mine", ("x-mine", "NoSuchWrapper"), "transaction_action of Mine names "
+     "'NoSuchWrapper', which is not a struct of the schema"),
+    ("x-mine", ("abort", "Abort"), "transaction_action 'abort' of Mine is a built-in action"),
+])
+def test_a_users_job_kind_that_cannot_be_is_named_at_its_class(
+        tmp_path: Path, job_type: str, action: tuple[str, str] | None, complaint: str) -> None:
+    (tmp_path / "mine.py").write_text(KIND.format(job_type=job_type, action=action))
+    error = start_error(tmp_path, "--handlers", "mine")
+    assert error.startswith(f"qmpjobd: {tmp_path / 'mine.py'}:6: {complaint}"), error
+    assert error.count("\n") == 1
 
 
 @pytest.mark.skipif(os.environ.get("QMPJOBD_OFFLINE") == "1", reason="pip needs the network")
