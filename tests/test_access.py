@@ -115,6 +115,50 @@ def test_a_read_only_monitor_may_only_look(tmp_path: Path) -> None:
         viewer.close()
 
 
+def least_role(command: str) -> str:
+    """The issue's table, written out here rather than taken from the daemon's code."""
+    if command in READ_ONLY_COMMANDS or command.startswith("query-"):
+        return "read-only"
+    verbs = ("pause", "resume", "cancel", "complete", "finalize", "dismiss")
+    if (command in {f"job-{verb}" for verb in verbs} | {f"block-job-{verb}" for verb in verbs}
+            or command in {"block-job-set-speed", "task-create", "task-cancel", "task-destroy"}
+            or command.startswith("task-set-") or command.endswith("-other-config")):
+        return "operator"
+    return "admin"
+
+
+def test_every_command_of_the_schema_as_each_role(tmp_path: Path) -> None:
+    """Each command the schema has, tried with no arguments on a monitor of each role: refused
+    for its role exactly when the table puts it above (an allowed one gets past the role, to
+    its arguments' check or its work). quit, last, on the admin's."""
+    ranks = ["read-only", "operator", "admin"]
+    paths = {role: tmp_path / f"{role}.sock" for role in ranks}
+    options = []
+    for n, (role, path) in enumerate(paths.items()):
+        options += ["--chardev", f"socket,id=r{n},path={path},server=on,wait=off",
+                    "--monitor", f"chardev=r{n},role={role}"]
+    with start_qmpjobd(tmp_path, *options) as daemon, daemon.connect() as admin:
+        commands = sorted(e["name"] for e in ok(admin, "query-qmp-schema")
+                          if e["meta-type"] == "command")
+        assert len(commands) > 40 and "quit" in commands
+        for role, path in paths.items():
+            conn = connect(path)
+            for command in commands:
+                if command == "quit" and role == "admin":
+                    continue
+                reply = conn.execute(command, {})
+                needs = least_role(command)
+                denial = (f"Command '{command}' needs the role '{needs}'; this connection's "
+                          f"role is '{role}'")
+                if ranks.index(needs) > ranks.index(role):
+                    assert reply.get("error", {}).get("desc") == denial, (role, reply)
+                else:
+                    assert "needs the role" not in json.dumps(reply), (role, reply)
+            if role == "admin":
+                assert conn.execute("quit") == {"return": {}}
+            conn.close()
+
+
 def test_an_operator_steers_jobs_and_its_tasks(tmp_path: Path) -> None:
     path = tmp_path / "op.sock"
     with start_qmpjobd(tmp_path, *monitor_args(path, "operator")) as daemon, \
