@@ -25,13 +25,15 @@ WAIT = 30.0
 
 
 @contextmanager
-def activated(paths: list[Path], names: str | None, *options: str
+def activated(paths: list[Path], names: str | None, *options: str, **env: str
               ) -> Iterator[subprocess.Popen[str]]:
     """The launcher listening on PATHS (named NAMES), to start qmpjobd with OPTIONS at the
-    first client; yielded once it listens (it says so on stderr)."""
+    first client, ENV set for it (the launcher passes on only what it is told to, as systemd
+    does); yielded once it listens (it says so on stderr)."""
     assert LAUNCHER is not None
     argv = [LAUNCHER, *(f"--listen={path}" for path in paths),
-            *([f"--fdname={names}"] if names else []), *QMPJOBD, *options]
+            *([f"--fdname={names}"] if names else []),
+            *(f"--setenv={key}={value}" for key, value in env.items()), *QMPJOBD, *options]
     launcher = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=daemon_env())
     try:
         assert launcher.stderr is not None
@@ -68,6 +70,30 @@ def test_every_passed_socket_is_a_monitor(tmp_path: Path) -> None:
         first.close()
     # The socket files are the service manager's: left where they are.
     assert all(path.is_socket() for path in paths)
+
+
+@needs_launcher
+def test_ready_is_told_before_the_first_client_is_served(tmp_path: Path) -> None:
+    """Started by the launcher at its first client: READY=1 is on NOTIFY_SOCKET before that
+    client's first reply (the greeting may come earlier: it never waits), STOPPING=1 at the
+    end."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    path = tmp_path / "q.sock"
+    try:
+        with activated([path], None, "--log", str(tmp_path / "log"),
+                       NOTIFY_SOCKET=str(tmp_path / "notify")) as daemon:
+            conn = QmpConnection(path)
+            assert conn.execute("qmp_capabilities") == {"return": {}}
+            notify.setblocking(False)
+            assert notify.recv(4096) == b"READY=1"  # already there: sent before that reply
+            ok(conn, "quit")
+            assert daemon.wait(WAIT) == 0
+            conn.close()
+        notify.settimeout(WAIT)
+        assert notify.recv(4096) == b"STOPPING=1"
+    finally:
+        notify.close()
 
 
 @needs_launcher
