@@ -41,13 +41,14 @@
                                 --provisioned: on an ext4 whose blocks are all backed, for a
                                 thin-provisioned disk)
     scripts/bench.py startup    exec to the first reply to query-jobs (greeting, qmp_capabilities,
-                                query-jobs): qmpjobd plain, with the example's --schema and
-                                --handlers, and with a state dir of 100,000 finished tasks,
+                                query-jobs): qmpjobd plain, with its schema cache empty (a
+                                first start), with the example's handlers and schema file
+                                (--handlers), and with a state dir of 100,000 finished tasks,
                                 against the import floor (exec to exit of `python -c "import
                                 trio, orjson"`) and qemu-storage-daemon; then `qmpjob list` on an
-                                idle daemon against `python -c pass`. The package's bytecode is
-                                compiled first, as an install does. Runs interleaved, median of
-                                --runs
+                                idle daemon against `python -c pass`; both as the console
+                                scripts an install makes, the package's bytecode compiled first.
+                                Runs interleaved, median of --runs
     scripts/bench.py mirror-sparse
                                 blockdev-mirror of a 512 MiB raw file holding 5 MiB: time to
                                 READY
@@ -955,9 +956,13 @@ def bench_startup(given: str | None, runs: int) -> None:
     examples = REPO / "examples" / "checksum"
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "qmpjobd"),
                     str(examples)], check=True)
-    installed = Path(sys.executable).with_name("qmpjob")
-    qmpjob = [str(installed)] if installed.exists() else [sys.executable, "-m",
-                                                           "qmpjobd.client"]
+    # The console scripts pyproject.toml declares, as a user runs them (python -m would add
+    # runpy's import to the daemon's start-up).
+    scripts = Path(sys.executable).parent
+    qmpjob = [str(scripts / "qmpjob")] if (scripts / "qmpjob").exists() else [
+        sys.executable, "-m", "qmpjobd.client"]
+    daemon = [str(scripts / "qmpjobd")] if (scripts / "qmpjobd").exists() else [
+        sys.executable, "-m", "qmpjobd"]
     with bench_dir(given) as workdir:
         state = os.path.join(workdir, "state")
         fill_state_dir(state, 100_000)
@@ -975,7 +980,7 @@ def bench_startup(given: str | None, runs: int) -> None:
             return {**os.environ, "XDG_CACHE_HOME": tempfile.mkdtemp(dir=workdir)}
 
         def ours(path: str, *extra: str) -> list[str]:
-            return [*qmpjobd_argv([path]), *extra]
+            return [*daemon, "--log-level", "warning", "--socket", path, *extra]
 
         rows: dict[str, Callable[[], float]] = {
             "floor": lambda: exec_to_exit_ms([sys.executable, "-c", "import trio, orjson"]),
@@ -1005,7 +1010,7 @@ def bench_startup(given: str | None, runs: int) -> None:
     median = {name: statistics.median(values) for name, values in samples.items()}
     floor = median["floor"]
     print(f"start-up: exec to the reply to query-jobs (median of {runs} runs, interleaved; "
-          "ratios taken run by run)")
+          f"ratios taken run by run); qmpjobd is {' '.join(daemon)}")
     label = 'import floor (python -c "import trio, orjson", to exit)'
     print(f"  {label:58} {floor:6.1f} ms")
     print(f"  {'qemu-storage-daemon 7.2':58} {median['qsd']:6.1f} ms")
