@@ -159,10 +159,13 @@ def _values(schema: Schema, enum: str) -> set[str]:
 
 
 def check_job_kinds(schema: Schema, modules: list[ModuleType]) -> None:
-    """StartupError unless each user's job_type is a new value for SCHEMA's JobType."""
+    """StartupError unless each user's job_type is a new value for SCHEMA's JobType, or the
+    one a job class it derives from has (a built-in kind, refined, is still that kind)."""
     taken = _values(schema, "JobType")
     problems = [problem for cls in user_job_classes(modules)
-                if (problem := _misnamed(cls, "job_type", cls.job_type, taken, "job type"))]
+                if not any(base.__dict__.get("job_type") == cls.job_type
+                           for base in cls.__mro__[1:])
+                and (problem := _misnamed(cls, "job_type", cls.job_type, taken, "job type"))]
     if problems:
         raise StartupError("; ".join(problems))
 

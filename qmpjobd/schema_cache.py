@@ -11,10 +11,13 @@ An entry is used only when each file it lists still has the same digest: a chang
 vanished file compiles afresh, and so does an entry that cannot be read for any reason (it is
 then replaced). A compile that fails is not kept: a bad schema is reported at every start.
 
-Unpickling can run code, so an entry is read only from a directory that is this user's and
-that nobody else may write, and only if the file is this user's and nobody else's to write. The
-directory is $CACHE_DIRECTORY (systemd's CacheDirectory=), else $XDG_CACHE_HOME/qmpjobd, else
-~/.cache/qmpjobd. When none can be used the schema is compiled at every start, as before.
+Unpickling can run code, so an entry is read only if nobody but this user could have put it
+there: the file and its directory are this user's and nobody else's to write, and every
+directory above is this user's or root's and, if others may write it, sticky (as /tmp is). The
+directory is opened once, and every entry is reached through that descriptor, so that nobody
+can swap it for another between the checks and the use. The directory is $CACHE_DIRECTORY
+(systemd's CacheDirectory=), else $XDG_CACHE_HOME/qmpjobd, else ~/.cache/qmpjobd. When none
+can be used the schema is compiled at every start, as before.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ import hashlib
 import logging
 import os
 import pickle
+import secrets
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import __version__
 from .qapi.schema import Schema, load_schema_sources
@@ -65,30 +68,41 @@ def load(fname: str, extra: Sequence[str], amend: Callable[[list[TopLevel]], Non
          amended: Sequence[object], directory: str | None) -> Schema:
     """load_schema(FNAME, EXTRA, AMEND), from DIRECTORY's entry when it is still good, else
     compiled (and the entry written, if DIRECTORY allows). AMENDED is what AMEND adds, by
-    value: it is part of the entry's name."""
-    entry = None
-    if directory is not None:
-        entry = os.path.join(directory, PREFIX + _key(fname, extra, amended) + SUFFIX)
-        schema = _read(directory, entry)
-        if schema is not None:
-            log.debug("schema: from the cache, %s", entry)
-            return schema
-    schema, sources = load_schema_sources(fname, extra, amend)
-    schema.drop_docs()
-    if directory is not None and entry is not None:
-        _write(directory, entry, schema, sources)
-    return schema
+    value: it is part of the entry's name, as is the file AMEND's code is in."""
+    name = PREFIX + _key(fname, extra, amended, amend) + SUFFIX
+    where = None if directory is None else _open_directory(directory)
+    try:
+        if where is not None:
+            schema = _read(where, name)
+            if schema is not None:
+                log.debug("schema: from the cache, %s", os.path.join(where.path, name))
+                return schema
+        schema, sources = load_schema_sources(fname, extra, amend)
+        schema.drop_docs()
+        if where is not None:
+            _write(where, name, schema, sources)
+        return schema
+    finally:
+        if where is not None:
+            os.close(where.fd)
 
 
-def _key(fname: str, extra: Sequence[str], amended: Sequence[object]) -> str:
-    compiler = sorted(
-        (entry.name, info.st_size, info.st_mtime_ns)
-        for entry in os.scandir(_COMPILER) if entry.name.endswith(".py")
-        for info in (entry.stat(),)
-    )
+def _stat(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+def _key(fname: str, extra: Sequence[str], amended: Sequence[object],
+         amend: Callable[..., object] | None) -> str:
+    # The compiler's code, and the code that amends what it reads: either may change the
+    # result (a development checkout changes them without a new version).
+    code = sorted((entry.name, *_stat(entry.path)) for entry in os.scandir(_COMPILER)
+                  if entry.name.endswith(".py"))
+    if amend is not None:
+        code.append((amend.__code__.co_filename, *_stat(amend.__code__.co_filename)))
     # Paths both as given (the schema's messages name them so) and absolute (what they are).
     files = [(name, os.path.abspath(name)) for name in (fname, *extra)]
-    material = repr((FORMAT, __version__, sys.version, compiler, files, list(amended)))
+    material = repr((FORMAT, __version__, sys.version, code, files, list(amended)))
     return hashlib.blake2b(material.encode(), digest_size=16).hexdigest()
 
 
@@ -101,20 +115,58 @@ def _trusted(info: os.stat_result) -> bool:
     return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _read(directory: str, entry: str) -> Schema | None:
+class _Directory(NamedTuple):
+    path: str  # for messages: every use goes through the descriptor
+    fd: int
+
+
+def _open_directory(directory: str) -> _Directory | None:
+    """DIRECTORY (made if need be), open, if only this user could have put anything in it:
+    it is this user's and nobody else's to write, and every directory above it (links
+    followed) is this user's or root's, and either not writable by others or sticky (where
+    others cannot move what is not theirs). Else None, said in the log."""
+    real = os.path.realpath(directory)
     try:
-        where = os.lstat(directory)
-        if not stat.S_ISDIR(where.st_mode) or not _trusted(where):
-            log.info("schema cache: %s is not a directory of this user's alone: not used",
-                     directory)
-            return None
-        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.makedirs(real, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        log.debug("schema cache: %s cannot be made: %s", directory, exc.strerror)
+        return None
+    parts = real.split(os.sep)[1:]
+    ancestors = [os.sep + os.sep.join(parts[:n]) for n in range(len(parts))]
+    try:
+        for ancestor in ancestors:
+            info = os.lstat(ancestor)
+            if (not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, os.geteuid())
+                    or (info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                        and not info.st_mode & stat.S_ISVTX)):
+                log.info("schema cache: %s is in %s, which others may change: not used",
+                         directory, ancestor)
+                return None
+        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("schema cache: %s cannot be opened: %s", directory, exc.strerror)
+        return None
+    info = os.fstat(fd)
+    if not _trusted(info):
+        os.close(fd)
+        log.info("schema cache: %s is not a directory of this user's alone: not used",
+                 directory)
+        return None
+    return _Directory(real, fd)
+
+
+def _read(where: _Directory, name: str) -> Schema | None:
+    try:
+        # (Not blocking: a FIFO in its place must not stop start-up before fstat sees it.)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=where.fd)
     except OSError:
-        return None  # no directory or no entry yet (a symlink is refused: ELOOP)
+        return None  # no entry yet (a symlink is refused: ELOOP)
     with open(fd, "rb") as stream:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or not _trusted(info):
-            log.info("schema cache: %s is not a file of this user's alone: not used", entry)
+            log.info("schema cache: %s is not a file of this user's alone: not used",
+                     os.path.join(where.path, name))
             return None
         try:
             sources = pickle.load(stream)
@@ -124,53 +176,52 @@ def _read(directory: str, entry: str) -> Schema | None:
                         return None
             schema = pickle.load(stream)
         except Exception as exc:  # a file vanished, a torn or older entry: compile afresh
-            log.debug("schema cache: %s not used: %s", entry, exc)
+            log.debug("schema cache: %s not used: %s", name, exc)
             return None
     if not isinstance(schema, Schema):
         return None
     with contextlib.suppress(OSError):
-        os.utime(entry)  # recently used: kept when older entries go
+        os.utime(name, dir_fd=where.fd)  # recently used: kept when older entries go
     return schema
 
 
-def _write(directory: str, entry: str, schema: Schema, sources: dict[str, bytes]) -> None:
+def _write(where: _Directory, name: str, schema: Schema, sources: dict[str, bytes]) -> None:
     """Best effort: a cache that cannot be written costs the next start its compile."""
     digests = {path: _digest(data) for path, data in sources.items()}
     temporary = None
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        where = os.lstat(directory)
-        if not stat.S_ISDIR(where.st_mode) or not _trusted(where):
-            return
         data = pickle.dumps(digests, pickle.HIGHEST_PROTOCOL) + pickle.dumps(
             schema, pickle.HIGHEST_PROTOCOL)
-        fd, temporary = tempfile.mkstemp(prefix=TEMPORARY, dir=directory)
+        temporary = TEMPORARY + secrets.token_hex(8)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=where.fd)
         with open(fd, "wb") as stream:
             stream.write(data)
-        os.replace(temporary, entry)
+        os.replace(temporary, name, src_dir_fd=where.fd, dst_dir_fd=where.fd)
         temporary = None
-        _prune(directory)
+        _prune(where.fd)
     except (OSError, RecursionError, pickle.PicklingError) as exc:
-        log.debug("schema cache: %s not written: %s", entry, exc)
+        log.debug("schema cache: %s not written: %s", name, exc)
     finally:
         if temporary is not None:
             with contextlib.suppress(OSError):
-                os.unlink(temporary)
+                os.unlink(temporary, dir_fd=where.fd)
 
 
-def _prune(directory: str) -> None:
-    """Only the KEEP most recently used entries stay, and no temporary file a start that was
-    killed as it wrote left a day ago (only files named as ours go)."""
+def _prune(directory: int) -> None:
+    """Only the KEEP most recently used entries stay in the DIRECTORY (a descriptor), and no
+    temporary file a start that was killed as it wrote left a day ago (only files named as
+    ours go)."""
     entries: list[tuple[int, str]] = []
     day_ago = (time.time() - 86400) * 1e9
     for found in os.scandir(directory):
         with contextlib.suppress(OSError):
             when = found.stat(follow_symlinks=False).st_mtime_ns
             if found.name.startswith(PREFIX) and found.name.endswith(SUFFIX):
-                entries.append((when, found.path))
+                entries.append((when, found.name))
             elif found.name.startswith(TEMPORARY) and when < day_ago:
-                os.unlink(found.path)
+                os.unlink(found.name, dir_fd=directory)
     entries.sort(reverse=True)
-    for _, path in entries[KEEP:]:
+    for _, name in entries[KEEP:]:
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            os.unlink(name, dir_fd=directory)

@@ -41,6 +41,7 @@ from .jobs.errors import JobError
 from .limits import Limits
 from .listen import judge, unlink_socket
 from .qmp.errors import QmpError
+from .qmp.fastpath import FAST_DEPTH, fast_patterns
 from .qmp.framing import JsonSplitter
 from .qmp.session import NO_ID, Session
 
@@ -122,7 +123,8 @@ class Connection:
         self._after_commit: collections.deque[tuple[int, bytes]] = collections.deque()
         self._flushing = False
         self._flushed = trio.Event()
-        self.splitter = JsonSplitter()
+        # (The fast path's patterns come from _compile_fast_path, not on the first reply's way.)
+        self.splitter = JsonSplitter(compile_patterns=False)
         # Output the kernel has not taken yet. While it is not empty, the writer task waits
         # for the socket to become writable and nobody else writes.
         self._output = bytearray()
@@ -450,6 +452,7 @@ class Server:
                 for pretty, role in options.stdio:
                     nursery.start_soon(self._serve_stdio, pretty, role)
                 nursery.start_soon(self._watch_signals)
+                nursery.start_soon(trio.to_thread.run_sync, fast_patterns, FAST_DEPTH)
                 options.on_ready()
                 await self._quit.wait()
                 systemd.notify("STOPPING=1")

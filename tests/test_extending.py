@@ -267,6 +267,18 @@ def test_a_users_job_kind_that_cannot_be_is_named_at_its_class(
     assert error.count("\n") == 1
 
 
+def test_a_built_in_kind_refined_is_still_that_kind(tmp_path: Path) -> None:
+    """A user's subclass of a built-in job that keeps its job_type: no new kind, no error."""
+    (tmp_path / "traced.py").write_text("from qmpjobd.block.jobs.mirror import MirrorJob\n\n\n"
+                                        "class TracedMirror(MirrorJob):\n    pass\n")
+    with DaemonProcess.start(tmp_path, "--handlers", "traced", program=QMPJOBD,
+                             env=daemon_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+                             ) as daemon, daemon.connect() as conn:
+        (job_type,) = [e for e in ok(conn, "query-qmp-schema") if e["meta-type"] == "enum"
+                       and "backup" in e["values"] and "stream" in e["values"]]
+        assert job_type["values"].count("mirror") == 1
+
+
 @pytest.mark.skipif(os.environ.get("QMPJOBD_OFFLINE") == "1", reason="pip needs the network")
 def test_the_schema_ships_inside_the_installed_package(tmp_path: Path) -> None:
     """A wheel of the project, unpacked elsewhere: it carries schema/, so the daemon and

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qmpjobd.qmp import fastpath
 from qmpjobd.qmp.framing import (
     MAX_NESTING,
     MAX_TOKEN_COUNT,
@@ -693,3 +694,19 @@ def test_same_as_qsd(qsd: QsdProcess, data: bytes) -> None:
             assert reply["id"] == _qemu_number(item["id"])
         else:
             assert "id" not in reply
+
+
+def test_a_splitter_that_does_not_compile_uses_the_patterns_once_compiled() -> None:
+    """The daemon's splitters do not compile the fast path's patterns (a worker thread does,
+    once the daemon serves): until then they read everything all the same, then take them up."""
+    depth = 3  # a depth nothing else compiles
+    fastpath._COMPILED.pop(depth, None)
+    fastpath.fast_patterns.cache_clear()
+    splitter = JsonSplitter(max_nesting=depth, compile_patterns=False)
+    several = b'{"a": 1} {"b": [2]} {"c": "x'
+    assert splitter.feed(several) == [{"a": 1}, {"b": [2]}]
+    assert splitter._complete is None and splitter._prefix is None
+    assert splitter.feed(b'"}\n') == [{"c": "x"}]
+    fastpath.fast_patterns(depth)
+    assert splitter.feed(b'{"d": 4} {"e": {"f": 5}}\n') == [{"d": 4}, {"e": {"f": 5}}]
+    assert (splitter._complete, splitter._prefix) == fastpath.fast_patterns(depth)

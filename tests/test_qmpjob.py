@@ -5,6 +5,7 @@ failed, 2 usage or connection) and its one-line errors."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import json
@@ -237,6 +238,33 @@ def test_events_tail_every_event(daemon: DaemonProcess, monitor: QmpConnection) 
             tail.communicate()
 
 
+def test_events_json_from_a_pretty_monitor_is_one_line_each(tmp_path: Path) -> None:
+    pretty = tmp_path / "pretty.sock"
+    with start_qmpjobd(tmp_path, "--chardev", f"socket,id=p,path={pretty},server=on,wait=off",
+                       "--monitor", "chardev=p,pretty=on") as daemon, \
+            daemon.connect() as monitor:
+        tail = subprocess.Popen([str(QMPJOB), "-s", str(pretty), "events", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert tail.stdout is not None
+        try:
+            slow_backup(monitor)
+            while True:  # until the tail has printed something, it may not be listening yet
+                ok(monitor, "job-pause", {"id": "j"})
+                until_status(monitor, "j", "paused")
+                ready, _, _ = select.select([tail.stdout], [], [], 0.1)
+                if ready:
+                    break
+                ok(monitor, "job-resume", {"id": "j"})
+                until_status(monitor, "j", "running")
+            line = tail.stdout.readline()
+            assert json.loads(line)["event"] == "JOB_STATUS_CHANGE", line
+            assert line.count("\n") == 1 and "\r" not in line
+        finally:
+            tail.kill()
+            tail.communicate()
+        ok(monitor, "job-cancel", {"id": "j"})
+
+
 def test_schema_reads_a_commands_signature(daemon: DaemonProcess) -> None:
     done = qmpjob(daemon, "schema", "block-job-set-speed")
     assert done.stdout.splitlines() == ["block-job-set-speed", "  arguments:",
@@ -377,11 +405,22 @@ def test_a_daemon_that_goes_away_is_a_one_line_error(tmp_path: Path) -> None:
         daemon.wait(signal.SIGKILL)
         out, err = waiter.communicate(timeout=WAIT)
         assert (waiter.returncode, out) == (2, "")
-        assert err.count("\n") == 1 and "closed the connection" in err
+        # (End of file, or a reset if the kernel had unread bytes of the dead daemon's.)
+        assert err.count("\n") == 1 and ("closed the connection" in err
+                                          or "went away: Connection reset" in err), err
 
 
-def test_a_reply_not_shaped_as_the_schema_says(tmp_path: Path) -> None:
-    """A fake daemon whose query-jobs returns an object: one line, exit 2, no traceback."""
+@pytest.mark.parametrize(("reply", "command", "said"), [
+    (b'{"return": {"bad": 1}, "id": "%s"}', "list", "unexpected reply from the daemon ("),
+    (b'{"return": ' + b"[" * 100_000 + b"]" * 100_000 + b', "id": "%s"}', "list",
+     "nested too deep"),
+    (b'{"return": ' + b"[" * 100_000 + b"]" * 100_000 + b', "id": "%s"}', "watch",
+     "nested too deep"),
+])
+def test_a_reply_not_shaped_as_the_schema_says(tmp_path: Path, reply: bytes, command: str,
+                                               said: str) -> None:
+    """A fake daemon whose query-jobs returns an object, or arrays nested past any
+    decoder's depth: one line, exit 2, no traceback, from a one-shot and from a view."""
     path = tmp_path / "fake.sock"
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
@@ -389,23 +428,26 @@ def test_a_reply_not_shaped_as_the_schema_says(tmp_path: Path) -> None:
 
     def serve() -> None:
         conn, _ = server.accept()
-        with conn, conn.makefile("rwb") as f:
+        # (The client may go away before it has read all: a reset, not a failure.)
+        with conn, conn.makefile("rwb") as f, contextlib.suppress(ConnectionError):
             f.write(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
             f.flush()
             while line := f.readline():
                 request = json.loads(line)
-                value: object = {"bad": 1} if request["execute"] == "query-jobs" else {}
-                f.write(json.dumps({"return": value, "id": request["id"]}).encode() + b"\r\n")
+                if request["execute"] == "query-jobs":
+                    f.write(reply % request["id"].encode() + b"\r\n")
+                else:
+                    f.write(json.dumps({"return": {}, "id": request["id"]}).encode() + b"\r\n")
                 f.flush()
 
     thread = threading.Thread(target=serve)
     thread.start()
-    done = subprocess.run([str(QMPJOB), "-s", str(path), "list"], capture_output=True,
+    done = subprocess.run([str(QMPJOB), "-s", str(path), command], capture_output=True,
                           text=True, timeout=WAIT)
     thread.join(WAIT)
     server.close()
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith("qmpjob: unexpected reply from the daemon (")
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.startswith("qmpjob: ") and said in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1
 
 

@@ -125,6 +125,37 @@ def test_an_entry_others_could_have_written_is_never_read(tmp_path: Path, who: s
     assert f"{entry if who == 'the file' else entry.parent} is not a " in log
 
 
+@pytest.mark.parametrize("sticky", [False, True])
+def test_a_cache_others_could_move_is_not_used(tmp_path: Path, sticky: bool) -> None:
+    """Under a directory others may write, the cache's own could be swapped for another:
+    unless that directory is sticky (as /tmp is), the cache is not used at all."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777 if sticky else 0o777)
+    cache = shared / "home"
+    first, log = run(tmp_path, cache)
+    if sticky:
+        assert entries(cache) and "which others may change" not in log
+        assert FROM_CACHE in run(tmp_path, cache)[1]
+        return
+    assert f"is in {shared}, which others may change: not used" in log
+    assert not entries(cache)
+    again, log = run(tmp_path, cache)
+    assert FROM_CACHE not in log and again == first
+
+
+def test_a_fifo_for_an_entry_stops_nothing(tmp_path: Path) -> None:
+    """Opened without waiting: a FIFO where an entry should be is not read, and replaced."""
+    cache = tmp_path / "cache"
+    first, _ = run(tmp_path, cache)
+    (entry,) = entries(cache)
+    entry.unlink()
+    os.mkfifo(entry, 0o600)
+    served, log = run(tmp_path, cache)
+    assert served == first and "is not a file of this user's alone" in log
+    assert entry.is_file()
+
+
 def test_only_the_most_recently_used_entries_stay(tmp_path: Path) -> None:
     now = time.time()
     for n in range(schema_cache.KEEP + 4):
@@ -134,7 +165,11 @@ def test_only_the_most_recently_used_entries_stay(tmp_path: Path) -> None:
     for name, age in ((".tmp-old", 2 * 86400), (".tmp-new", 60), ("notes.txt", 3 * 86400)):
         (tmp_path / name).write_bytes(b"")
         os.utime(tmp_path / name, (now - age, now - age))
-    schema_cache._prune(str(tmp_path))
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        schema_cache._prune(directory)
+    finally:
+        os.close(directory)
     left = {path.name for path in tmp_path.iterdir()}
     assert left == {f"schema-{n}.pickle" for n in range(4, schema_cache.KEEP + 4)} | {
         ".tmp-new", "notes.txt"}

@@ -9,6 +9,7 @@ views import trio (and rich, for watch): the one-shot subcommands start without 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -157,10 +158,13 @@ async def connect(path: str) -> AsyncIterator[LiveConnection]:
 # -- the views -----------------------------------------------------------------------------------
 
 async def events(path: str, args: argparse.Namespace) -> int:
-    """Every event, as it comes: a readable line, or (--json) the daemon's own text."""
+    """Every event, as it comes: a readable line, or (--json) the daemon's own text, one
+    line each (a pretty monitor's many-line text is written compact instead)."""
     async with connect(path) as conn:
         while True:
             event, text = await conn.next_event()
+            if args.json and "\n" in text:
+                text = json.dumps(event, separators=(",", ":"))
             print(text if args.json else render.event_line(event), flush=True)
 
 

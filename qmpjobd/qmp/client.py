@@ -77,6 +77,8 @@ class ClientProtocol:
             start = position
             try:
                 message, position = self._decoder.raw_decode(self._buffer, position)
+            except RecursionError:
+                raise ProtocolError("the daemon sent a message nested too deep") from None
             except json.JSONDecodeError:
                 # Incomplete (QMP's messages are objects: a cut one never parses), unless it
                 # has grown past what any reply takes.

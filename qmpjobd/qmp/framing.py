@@ -36,6 +36,7 @@ from .fastpath import (
     WS_RUN,
     ZERO_EXPONENT,
     closers_pair_up,
+    compiled_patterns,
     fast_patterns,
     long_digit_run,
     nests_deeper,
@@ -93,9 +94,13 @@ class JsonSplitter:
         max_token_count: int = MAX_TOKEN_COUNT,
         max_nesting: int = MAX_NESTING,
         fast: bool = True,
+        compile_patterns: bool = True,
     ) -> None:
         """The limits are QEMU's unless given (tests use small ones).  `fast=False` sends all
-        input through the faithful path, so that tests can compare the two."""
+        input through the faithful path, so that tests can compare the two.
+        `compile_patterns=False`: the fast path's patterns are used once someone else has
+        compiled them (fastpath.fast_patterns); until then whole lines still take the fast
+        path, and the rest the faithful one, which reads everything alike."""
         self._max_size = max_token_size
         self._max_count = max_token_count
         self._max_nesting = max_nesting
@@ -107,8 +112,13 @@ class JsonSplitter:
         self._complete: re.Pattern[bytes] | None = None
         self._prefix: re.Pattern[bytes] | None = None
         self._line = fast
+        self._awaited = 0  # the depth of patterns not compiled yet, to look for at each feed
         if fast and depth >= 1:
-            self._complete, self._prefix = fast_patterns(depth)
+            found = fast_patterns(depth) if compile_patterns else compiled_patterns(depth)
+            if found is None:
+                self._awaited = depth
+            else:
+                self._complete, self._prefix = found
         self._pending = b""  # an incomplete fast-path candidate
         self._waits = 0
         # lexer
@@ -150,6 +160,11 @@ class JsonSplitter:
         pos = 0
         if self._state != START or self._count:
             pos = self._slow(buf, 0, out)
+        if self._awaited:
+            found = compiled_patterns(self._awaited)
+            if found is not None:
+                self._complete, self._prefix = found
+                self._awaited = 0
         complete, prefix = self._complete, self._prefix
         tried = 0  # the end of the last line that was not one message
         while pos < n:
