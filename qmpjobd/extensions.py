@@ -158,13 +158,20 @@ def _values(schema: Schema, enum: str) -> set[str]:
     return {value.name for value in found.values}
 
 
+def _refines_built_in(cls: type[Job], users: set[str]) -> bool:
+    """Whether CLS has its job_type from one of qmpjobd's own job classes."""
+    return any(base.__dict__.get("job_type") == cls.job_type
+               and base.__module__.startswith("qmpjobd.") and base.__module__ not in users
+               for base in cls.__mro__[1:])
+
+
 def check_job_kinds(schema: Schema, modules: list[ModuleType]) -> None:
     """StartupError unless each user's job_type is a new value for SCHEMA's JobType, or the
     one a job class it derives from has (a built-in kind, refined, is still that kind)."""
     taken = _values(schema, "JobType")
+    users = {module.__name__ for module in modules}
     problems = [problem for cls in user_job_classes(modules)
-                if not any(base.__dict__.get("job_type") == cls.job_type
-                           for base in cls.__mro__[1:])
+                if not (cls.job_type in taken and _refines_built_in(cls, users))
                 and (problem := _misnamed(cls, "job_type", cls.job_type, taken, "job type"))]
     if problems:
         raise StartupError("; ".join(problems))

@@ -12,12 +12,13 @@ vanished file compiles afresh, and so does an entry that cannot be read for any 
 then replaced). A compile that fails is not kept: a bad schema is reported at every start.
 
 Unpickling can run code, so an entry is read only if nobody but this user could have put it
-there: the file and its directory are this user's and nobody else's to write, and every
-directory above is this user's or root's and, if others may write it, sticky (as /tmp is). The
-directory is opened once, and every entry is reached through that descriptor, so that nobody
-can swap it for another between the checks and the use. The directory is $CACHE_DIRECTORY
-(systemd's CacheDirectory=), else $XDG_CACHE_HOME/qmpjobd, else ~/.cache/qmpjobd. When none
-can be used the schema is compiled at every start, as before.
+there: the file and its directory are this user's and nobody else's to write, every directory
+above is this user's or root's and, if others may write it, sticky (as /tmp is), and every
+symbolic link on the way is this user's or root's. The path is walked one component at a time,
+each opened relative to the last, and every entry is reached through the directory's
+descriptor: nobody can swap a directory for another between the checks and the use. The
+directory is $CACHE_DIRECTORY (systemd's CacheDirectory=), else $XDG_CACHE_HOME/qmpjobd, else
+~/.cache/qmpjobd. When none can be used the schema is compiled at every start, as before.
 """
 
 from __future__ import annotations
@@ -69,17 +70,22 @@ def load(fname: str, extra: Sequence[str], amend: Callable[[list[TopLevel]], Non
     """load_schema(FNAME, EXTRA, AMEND), from DIRECTORY's entry when it is still good, else
     compiled (and the entry written, if DIRECTORY allows). AMENDED is what AMEND adds, by
     value: it is part of the entry's name, as is the file AMEND's code is in."""
-    name = PREFIX + _key(fname, extra, amended, amend) + SUFFIX
-    where = None if directory is None else _open_directory(directory)
+    where = name = None
+    if directory is not None:
+        try:
+            name = PREFIX + _key(fname, extra, amended, amend) + SUFFIX
+            where = _open_directory(directory)
+        except OSError as exc:  # (a source file moved as it was looked at, say)
+            log.debug("schema cache: not used: %s", exc)
     try:
-        if where is not None:
+        if where is not None and name is not None:
             schema = _read(where, name)
             if schema is not None:
                 log.debug("schema: from the cache, %s", os.path.join(where.path, name))
                 return schema
         schema, sources = load_schema_sources(fname, extra, amend)
         schema.drop_docs()
-        if where is not None:
+        if where is not None and name is not None:
             _write(where, name, schema, sources)
         return schema
     finally:
@@ -121,38 +127,70 @@ class _Directory(NamedTuple):
 
 
 def _open_directory(directory: str) -> _Directory | None:
-    """DIRECTORY (made if need be), open, if only this user could have put anything in it:
-    it is this user's and nobody else's to write, and every directory above it (links
-    followed) is this user's or root's, and either not writable by others or sticky (where
-    others cannot move what is not theirs). Else None, said in the log."""
-    real = os.path.realpath(directory)
+    """DIRECTORY, made if need be and opened, if only this user could have put anything in
+    it; else None, said in the log. It is walked from / one component at a time, each opened
+    relative to the one before, never by path again: every directory on the way is this
+    user's or root's and, if others may write it, sticky (where others cannot move what is
+    not theirs); a symbolic link on the way is followed only if it is this user's or root's;
+    the directory itself is this user's, and nobody else's to write."""
+    pending = [part for part in os.path.abspath(directory).split(os.sep) if part]
+    if not pending:
+        return None  # not / itself
+    fd = os.open(os.sep, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked: list[str] = []  # the path of fd, for messages and links
+    hops = 0
     try:
-        os.makedirs(real, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        log.debug("schema cache: %s cannot be made: %s", directory, exc.strerror)
-        return None
-    parts = real.split(os.sep)[1:]
-    ancestors = [os.sep + os.sep.join(parts[:n]) for n in range(len(parts))]
-    try:
-        for ancestor in ancestors:
-            info = os.lstat(ancestor)
-            if (not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, os.geteuid())
-                    or (info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-                        and not info.st_mode & stat.S_ISVTX)):
-                log.info("schema cache: %s is in %s, which others may change: not used",
-                         directory, ancestor)
+        while True:
+            info = os.fstat(fd)
+            here = os.sep + os.sep.join(walked)
+            if info.st_uid not in (0, os.geteuid()):
+                log.info("schema cache: %s is in %s, which is another user's: not used",
+                         directory, here)
                 return None
-        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if not pending:
+                if not _trusted(info):
+                    log.info("schema cache: %s is not a directory of this user's alone: not "
+                             "used", directory)
+                    return None
+                found, fd = _Directory(here, fd), -1
+                return found
+            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+                log.info("schema cache: %s is in %s, which others may change: not used",
+                         directory, here)
+                return None
+            part = pending.pop(0)
+            try:
+                link = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):  # (another start made it first)
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                link = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(link.st_mode):
+                hops += 1
+                if hops > 16 or link.st_uid not in (0, os.geteuid()):
+                    log.info("schema cache: %s goes through a link that is another user's "
+                             "(or too many): not used", directory)
+                    return None
+                target = os.readlink(part, dir_fd=fd)
+                base = os.sep if target.startswith(os.sep) else here
+                pending = [p for p in os.path.join(base, target).split(os.sep) if p] + pending
+                os.close(fd)
+                fd, walked = os.open(os.sep, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), []
+                continue
+            if part == "..":  # (a link's target may climb)
+                walked = walked[:-1]
+            elif part != ".":
+                walked.append(part)
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd)
+            os.close(fd)
+            fd = inner
     except OSError as exc:
-        log.debug("schema cache: %s cannot be opened: %s", directory, exc.strerror)
+        log.debug("schema cache: %s cannot be used: %s", directory, exc.strerror)
         return None
-    info = os.fstat(fd)
-    if not _trusted(info):
-        os.close(fd)
-        log.info("schema cache: %s is not a directory of this user's alone: not used",
-                 directory)
-        return None
-    return _Directory(real, fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _read(where: _Directory, name: str) -> Schema | None:

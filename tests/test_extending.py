@@ -267,6 +267,18 @@ def test_a_users_job_kind_that_cannot_be_is_named_at_its_class(
     assert error.count("\n") == 1
 
 
+def test_a_built_in_job_type_from_a_users_base_class_is_refused(tmp_path: Path) -> None:
+    """Only qmpjobd's own job classes lend their job_type: a user's base class is checked as
+    the class itself would be."""
+    (tmp_path / "helperlib.py").write_text("from qmpjobd.api import Job\n\n\n"
+                                           "class Base(Job):\n    job_type = 'backup'\n")
+    (tmp_path / "mine.py").write_text("from helperlib import Base\n\n\n"
+                                      "class Mine(Base):\n    async def run(self) -> None:\n"
+                                      "        pass\n")
+    error = start_error(tmp_path, "--handlers", "mine")
+    assert f"{tmp_path / 'mine.py'}:4: job_type 'backup' of Mine is a built-in job type" in error
+
+
 def test_a_built_in_kind_refined_is_still_that_kind(tmp_path: Path) -> None:
     """A user's subclass of a built-in job that keeps its job_type: no new kind, no error."""
     (tmp_path / "traced.py").write_text("from qmpjobd.block.jobs.mirror import MirrorJob\n\n\n"

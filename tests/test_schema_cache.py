@@ -144,6 +144,32 @@ def test_a_cache_others_could_move_is_not_used(tmp_path: Path, sticky: bool) -> 
     assert FROM_CACHE not in log and again == first
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give a link to another uid")
+@pytest.mark.parametrize("owner", [0, 65534])
+def test_a_link_on_the_way_is_followed_only_if_it_is_ours(tmp_path: Path, owner: int) -> None:
+    """A link in a sticky directory (as systemd's DynamicUser= makes $CACHE_DIRECTORY one),
+    to a directory of ours: followed if the link is ours or root's, not if another user's
+    (who could point it at any directory of ours)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    (shared / "home").symlink_to(target)
+    os.lchown(shared / "home", owner, owner)
+    (target / "qmpjobd").mkdir(mode=0o700)
+    keep = target / "qmpjobd" / ".tmp-keep"
+    keep.write_bytes(b"")
+    os.utime(keep, (0, 0))  # old: a prune there would remove it
+    _, log = run(tmp_path, shared / "home")
+    if owner == 0:
+        assert entries(target) and not keep.exists()
+        assert FROM_CACHE in run(tmp_path, shared / "home")[1]
+    else:
+        assert "goes through a link that is another user's" in log
+        assert not entries(target) and keep.exists()
+
+
 def test_a_fifo_for_an_entry_stops_nothing(tmp_path: Path) -> None:
     """Opened without waiting: a FIFO where an entry should be is not read, and replaced."""
     cache = tmp_path / "cache"
