@@ -82,6 +82,19 @@ def slow_backup(conn: QmpConnection, job: str = "j", **options: Any) -> None:
     until_status(conn, job, "running")
 
 
+def until_printed(conn: QmpConnection, tail: subprocess.Popen[str]) -> None:
+    """Pause and resume job j (events each time) until TAIL, an `events` view that may not
+    be listening yet, has printed something; the job is left running."""
+    assert tail.stdout is not None
+    while True:
+        for verb, status in (("job-pause", "paused"), ("job-resume", "running")):
+            ok(conn, verb, {"id": "j"})
+            until_status(conn, "j", status)
+        ready, _, _ = select.select([tail.stdout], [], [], 0.1)
+        if ready:
+            return
+
+
 def one_line_error(done: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
     assert done.returncode == code, done
     assert done.stdout == ""
@@ -248,14 +261,7 @@ def test_events_json_from_a_pretty_monitor_is_one_line_each(tmp_path: Path) -> N
         assert tail.stdout is not None
         try:
             slow_backup(monitor)
-            while True:  # until the tail has printed something, it may not be listening yet
-                ok(monitor, "job-pause", {"id": "j"})
-                until_status(monitor, "j", "paused")
-                ready, _, _ = select.select([tail.stdout], [], [], 0.1)
-                if ready:
-                    break
-                ok(monitor, "job-resume", {"id": "j"})
-                until_status(monitor, "j", "running")
+            until_printed(monitor, tail)
             line = tail.stdout.readline()
             assert json.loads(line)["event"] == "JOB_STATUS_CHANGE", line
             assert line.count("\n") == 1 and "\r" not in line
@@ -379,16 +385,7 @@ def test_interrupted_wait_and_views(tmp_path: Path) -> None:
         tail = start_qmpjob(daemon, "events")
         assert tail.stdout is not None
         slow_backup(monitor)  # (the tail may miss the first events, not all of them)
-        ok(monitor, "job-pause", {"id": "j"})
-        until_status(monitor, "j", "paused")
-        while True:  # until the tail has printed something, it may not be listening yet
-            ok(monitor, "job-resume", {"id": "j"})
-            until_status(monitor, "j", "running")
-            ready, _, _ = select.select([tail.stdout], [], [], 0.1)
-            if ready:
-                break
-            ok(monitor, "job-pause", {"id": "j"})
-            until_status(monitor, "j", "paused")
+        until_printed(monitor, tail)
         tail.send_signal(signal.SIGINT)
         _, err = tail.communicate(timeout=WAIT)
         assert (tail.returncode, err) == (0, "")  # a view ended by its reader: done
