@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import QsdProcess
+from tests.daemons import DaemonProcess, QmpConnection, QsdProcess, start_qmpjobd
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "schema" / "qapi-schema.json"
@@ -69,3 +69,17 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QsdProcess]:
         missing("qemu-storage-daemon is not installed (apt-get install qemu-system-common)")
     with QsdProcess.start(tmp_path_factory.mktemp("qsd")) as daemon:
         yield daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """qmpjobd with its product schema, logging to tmp_path/qmpjobd.log."""
+    with start_qmpjobd(tmp_path) as process:
+        yield process
+
+
+@pytest.fixture
+def conn(daemon: DaemonProcess) -> Iterator[QmpConnection]:
+    """A negotiated connection to `daemon`."""
+    with daemon.connect() as connection:
+        yield connection

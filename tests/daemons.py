@@ -91,6 +91,13 @@ def ok(conn: QmpConnection, command: str, arguments: dict[str, Any] | None = Non
     return reply["return"]
 
 
+def negotiated(path: Path) -> QmpConnection:
+    """A connection to the monitor at PATH, past qmp_capabilities (close it yourself)."""
+    conn = QmpConnection(path)
+    ok(conn, "qmp_capabilities")
+    return conn
+
+
 class DaemonProcess:
     """A running daemon with a QMP monitor on a Unix socket."""
 

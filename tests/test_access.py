@@ -12,12 +12,13 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.daemons import QMPJOBD, QmpConnection, daemon_env, ok, start_qmpjobd
+from tests.daemons import QMPJOBD, QmpConnection, daemon_env, negotiated, ok, start_qmpjobd
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -65,12 +66,6 @@ def refused(conn: QmpConnection, command: str, arguments: dict[str, Any] | None 
     return str(reply["error"]["desc"])
 
 
-def connect(path: Path) -> QmpConnection:
-    conn = QmpConnection(path)
-    ok(conn, "qmp_capabilities")
-    return conn
-
-
 def as_peer(uid: int, path: Path, *commands: dict[str, Any]) -> list[Any]:
     done = subprocess.run([SYSTEM_PYTHON, "-c", PEER, str(path),
                            *(json.dumps(c) for c in commands)],
@@ -87,12 +82,23 @@ def slow_backup(conn: QmpConnection) -> None:
                                  "sync": "full", "speed": 1 << 20})
 
 
-def test_a_read_only_monitor_may_only_look(tmp_path: Path) -> None:
-    path = tmp_path / "ro.sock"
-    with start_qmpjobd(tmp_path, *monitor_args(path, "read-only")) as daemon, \
+@contextmanager
+def backup_and_role(tmp_path: Path, role: str) -> Iterator[tuple[QmpConnection, QmpConnection]]:
+    """A daemon running backup j, with a monitor of ROLE beside the admin's: a connection to
+    each (the admin's, then the role's)."""
+    path = tmp_path / f"{role}.sock"
+    with start_qmpjobd(tmp_path, *monitor_args(path, role)) as daemon, \
             daemon.connect() as admin:
         slow_backup(admin)
-        viewer = connect(path)
+        other = negotiated(path)
+        try:
+            yield admin, other
+        finally:
+            other.close()
+
+
+def test_a_read_only_monitor_may_only_look(tmp_path: Path) -> None:
+    with backup_and_role(tmp_path, "read-only") as (admin, viewer):
         assert [job["id"] for job in ok(viewer, "query-jobs")] == ["j"]
         ok(viewer, "task-watch")
         assert refused(viewer, "job-pause", {"id": "j"}) == (
@@ -112,7 +118,6 @@ def test_a_read_only_monitor_may_only_look(tmp_path: Path) -> None:
         # The admin's monitor is as it was.
         assert "quit" in {c["name"] for c in ok(admin, "query-commands")}
         ok(admin, "job-cancel", {"id": "j"})
-        viewer.close()
 
 
 def least_role(command: str) -> str:
@@ -142,7 +147,7 @@ def test_every_command_of_the_schema_as_each_role(tmp_path: Path) -> None:
                           if e["meta-type"] == "command")
         assert len(commands) > 40 and "quit" in commands
         for role, path in paths.items():
-            conn = connect(path)
+            conn = negotiated(path)
             for command in commands:
                 if command == "quit" and role == "admin":
                     continue
@@ -160,11 +165,7 @@ def test_every_command_of_the_schema_as_each_role(tmp_path: Path) -> None:
 
 
 def test_an_operator_steers_jobs_and_its_tasks(tmp_path: Path) -> None:
-    path = tmp_path / "op.sock"
-    with start_qmpjobd(tmp_path, *monitor_args(path, "operator")) as daemon, \
-            daemon.connect() as admin:
-        slow_backup(admin)
-        operator = connect(path)
+    with backup_and_role(tmp_path, "operator") as (_, operator):
         ok(operator, "job-pause", {"id": "j"})
         ok(operator, "job-resume", {"id": "j"})
         ok(operator, "block-job-set-speed", {"device": "j", "speed": 2 << 20})
@@ -183,7 +184,6 @@ def test_an_operator_steers_jobs_and_its_tasks(tmp_path: Path) -> None:
         assert {"job-pause", "block-job-set-speed", "task-create", "task-destroy",
                 "task-set-other-config", "query-jobs"} <= listed
         assert not {"quit", "blockdev-add", "blockdev-backup", "transaction"} & listed
-        operator.close()
 
 
 @as_nobody
@@ -195,7 +195,7 @@ def test_an_operator_may_not_touch_another_users_tasks(tmp_path: Path,
         _, created = as_peer(NOBODY, path, {"execute": "task-create",
                                             "arguments": {"name-label": "nobody's"}})
         uuid = created["return"]["uuid"]
-        operator = connect(path)  # root, on the operator monitor
+        operator = negotiated(path)  # root, on the operator monitor
         for command, arguments in (("task-set-progress", {"progress": 0.5}),
                                    ("task-set-name-label", {"name-label": "x"}),
                                    ("task-cancel", {}), ("task-destroy", {})):
@@ -221,7 +221,7 @@ def test_a_socket_admits_only_the_peers_it_names(tmp_path: Path, shared_dir: Pat
         assert as_peer(NOBODY, path, {"execute": "query-version"}) == ["closed"]
         log = (tmp_path / "qmpjobd.log").read_text()
         assert f"refused a client: uid {NOBODY}" in log
-        root = connect(path)  # uid 0 is named
+        root = negotiated(path)  # uid 0 is named
         ok(root, "query-version")
         root.close()
         (_, version) = as_peer(NOBODY, by_group, {"execute": "query-version"})
@@ -240,7 +240,7 @@ def test_an_access_policy_lowers_a_peers_role(tmp_path: Path, shared_dir: Path) 
         assert denied["error"]["desc"] == (
             "Command 'quit' needs the role 'admin'; this connection's role is 'read-only'")
         assert "quit" not in {c["name"] for c in listed["return"]}
-        root = connect(path)  # named by neither rule: the monitor's own role
+        root = negotiated(path)  # named by neither rule: the monitor's own role
         assert "quit" in {c["name"] for c in ok(root, "query-commands")}
         root.close()
     policy.write_text(json.dumps({f"gid:{NOBODY}": "operator"}))

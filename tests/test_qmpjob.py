@@ -21,7 +21,6 @@ import subprocess
 import sys
 import termios
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,9 @@ WAIT = 30.0
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    with start_qmpjobd(tmp_path) as process:
-        yield process
-
-
-@pytest.fixture
-def monitor(daemon: DaemonProcess) -> Iterator[QmpConnection]:
-    with daemon.connect() as conn:
-        yield conn
+def monitor(conn: QmpConnection) -> QmpConnection:
+    """conftest's connection to the daemon, by the name these tests give it."""
+    return conn
 
 
 def qmpjob(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import QMPJOBD, QmpConnection, daemon_env, ok, start_qmpjobd
+from tests.daemons import QMPJOBD, QmpConnection, daemon_env, negotiated, ok, start_qmpjobd
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = shutil.which("systemd-socket-activate")
@@ -49,18 +49,12 @@ def activated(paths: list[Path], names: str | None, *options: str, **env: str
         launcher.communicate(timeout=WAIT)
 
 
-def connect(path: Path) -> QmpConnection:
-    conn = QmpConnection(path)
-    ok(conn, "qmp_capabilities")
-    return conn
-
-
 @needs_launcher
 def test_every_passed_socket_is_a_monitor(tmp_path: Path) -> None:
     paths = [tmp_path / "a.sock", tmp_path / "b.sock"]
     with activated(paths, None, "--log", str(tmp_path / "log")) as daemon:
-        first = connect(paths[1])  # the first client starts the daemon
-        second = connect(paths[0])
+        first = negotiated(paths[1])  # the first client starts the daemon
+        second = negotiated(paths[0])
         for conn in (first, second):
             assert ok(conn, "query-version")["package"].startswith("qmpjobd")
             assert "quit" in {c["name"] for c in ok(conn, "query-commands")}  # admin
@@ -103,10 +97,10 @@ def test_passed_sockets_by_name_with_their_own_roles(tmp_path: Path) -> None:
                    "--chardev", "socket,id=a,fd-name=admin", "--monitor", "chardev=a",
                    "--chardev", "socket,id=r,fd-name=ro", "--monitor",
                    "chardev=r,role=read-only") as daemon:
-        viewer = connect(viewer_path)
+        viewer = negotiated(viewer_path)
         assert viewer.execute("quit")["error"]["desc"] == (
             "Command 'quit' needs the role 'admin'; this connection's role is 'read-only'")
-        admin = connect(admin_path)
+        admin = negotiated(admin_path)
         ok(admin, "quit")
         assert daemon.wait(WAIT) == 0
         viewer.close()
@@ -155,7 +149,7 @@ def test_readiness_and_stopping_are_told(tmp_path: Path, abstract: bool) -> None
                                str(tmp_path / "log")], env=daemon_env(NOTIFY_SOCKET=address))
     try:
         assert listener.recv(4096) == b"READY=1"
-        conn = connect(socket_path)  # ready: it serves
+        conn = negotiated(socket_path)  # ready: it serves
         ok(conn, "quit")
         assert listener.recv(4096) == b"STOPPING=1"
         assert daemon.wait(WAIT) == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,6 @@ MiB = 1 << 20
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    with start_qmpjobd(tmp_path) as d:
-        yield d
-
-
-@pytest.fixture
-def conn(daemon: DaemonProcess) -> Iterator[QmpConnection]:
-    with daemon.connect() as c:
-        yield c
 
 
 def ok(conn: QmpConnection, command: str, **arguments: Any) -> Any:
