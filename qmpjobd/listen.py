@@ -83,15 +83,16 @@ class EarlyGreeter:
         # the peers it admits.
         self._listeners = listeners
         self._policy = policy
-        self._accepted: list[tuple[socket.socket, int]] = []
+        self._accepted: list[tuple[socket.socket, int, int]] = []
         self._stop_read, self._stop_write = os.pipe()
         self._thread = threading.Thread(target=self._run, name="qmpjobd-greeter", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> list[tuple[socket.socket, int]]:
-        """Stop greeting; the connections greeted so far, each with its listener's index."""
+    def stop(self) -> list[tuple[socket.socket, int, int]]:
+        """Stop greeting; the connections greeted so far, each with its listener's index and
+        its role there."""
         os.write(self._stop_write, b"x")
         self._thread.join()
         os.close(self._stop_read)
@@ -115,7 +116,10 @@ class EarlyGreeter:
             conn, _ = listener.accept()
         except OSError:
             return  # the client gave up already
-        if access.filters and judge(conn.fileno(), access, self._policy) is None:
+        role: int | None = access.role
+        if access.filters or self._policy:
+            role = judge(conn.fileno(), access, self._policy)
+        if role is None:
             conn.close()
             return
         try:
@@ -123,7 +127,7 @@ class EarlyGreeter:
         except OSError:
             conn.close()
             return
-        self._accepted.append((conn, index))
+        self._accepted.append((conn, index, role))
 
 
 def groups_of(fd: int, gid: int) -> frozenset[int] | None:

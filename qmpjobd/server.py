@@ -80,8 +80,9 @@ class ServerOptions(NamedTuple):
     version: tuple[int, int, int]
     package: str
     listening: Sequence[Listening] = ()
-    # Connections accepted and greeted before the server started, with their listener's index.
-    greeted: Sequence[tuple[socket.socket, int]] = ()
+    # Connections accepted and greeted before the server started, with their listener's index
+    # and their role (judged as they were accepted).
+    greeted: Sequence[tuple[socket.socket, int, int]] = ()
     # stdin/stdout monitors (their pretty flags and roles).
     stdio: Sequence[tuple[bool, int]] = ()
     # --access-policy: the most each peer may do, by its uid and groups.
@@ -123,7 +124,8 @@ class Connection:
         self._after_commit: collections.deque[tuple[int, bytes]] = collections.deque()
         self._flushing = False
         self._flushed = trio.Event()
-        # (The fast path's patterns come from _compile_fast_path, not on the first reply's way.)
+        # (The fast path's patterns come from the worker thread Server.run starts: not on the
+        # first reply's way.)
         self.splitter = JsonSplitter(compile_patterns=False)
         # Output the kernel has not taken yet. While it is not empty, the writer task waits
         # for the socket to become writable and nobody else writes.
@@ -444,11 +446,12 @@ class Server:
                 nursery.start_soon(self.daemon.tasks.run)
                 for listener, monitor in zip(listeners, options.listening, strict=True):
                     nursery.start_soon(self._accept_loop, listener, monitor)
-                for conn, index in options.greeted:
+                for conn, index, role in options.greeted:
                     monitor = options.listening[index]
                     fd = conn.detach()
                     channel = FdChannel(fd, fd, (fd,), self.hub)
-                    nursery.start_soon(self._admit, channel, monitor, True)
+                    nursery.start_soon(self._serve, channel, monitor.pretty,
+                                       self._name(monitor.path), True, role)
                 for pretty, role in options.stdio:
                     nursery.start_soon(self._serve_stdio, pretty, role)
                 nursery.start_soon(self._watch_signals)
@@ -513,11 +516,11 @@ class Server:
                     continue
                 fd = stream.socket.detach()  # the connection owns the fd from here on
                 channel = FdChannel(fd, fd, (fd,), self.hub)
-                nursery.start_soon(self._admit, channel, monitor, False)
+                nursery.start_soon(self._admit, channel, monitor)
 
-    async def _admit(self, channel: FdChannel, monitor: Listening, greeted: bool) -> None:
+    async def _admit(self, channel: FdChannel, monitor: Listening) -> None:
         """Serve a client of MONITOR with its role; close it unseen if the socket's allow-uid
-        and allow-gid leave it out (the early greeter already did for those it greeted)."""
+        and allow-gid leave it out (as the early greeter does for those it greets)."""
         access, policy = monitor.access, self.options.access_policy
         role: int | None = access.role
         if access.filters or policy:
@@ -525,7 +528,7 @@ class Server:
         if role is None:
             channel.close()
             return
-        await self._serve(channel, monitor.pretty, self._name(monitor.path), greeted, role)
+        await self._serve(channel, monitor.pretty, self._name(monitor.path), False, role)
 
     async def _serve_stdio(self, pretty: bool, role: int) -> None:
         read_fd, write_fd = os.dup(0), os.dup(1)
