@@ -186,12 +186,20 @@ def test_an_operator_steers_jobs_and_its_tasks(tmp_path: Path) -> None:
         assert not {"quit", "blockdev-add", "blockdev-backup", "transaction"} & listed
 
 
-@as_nobody
-def test_an_operator_may_not_touch_another_users_tasks(tmp_path: Path,
-                                                       shared_dir: Path) -> None:
+@contextmanager
+def shared_operator(tmp_path: Path, shared_dir: Path) -> Iterator[tuple[Path, QmpConnection]]:
+    """A daemon with an operator monitor every user may connect to: its path, and a
+    connection to the admin's monitor."""
     path = shared_dir / "op.sock"
     with start_qmpjobd(tmp_path, *monitor_args(path, "operator", mode="0666")) as daemon, \
             daemon.connect() as admin:
+        yield path, admin
+
+
+@as_nobody
+def test_an_operator_may_not_touch_another_users_tasks(tmp_path: Path,
+                                                       shared_dir: Path) -> None:
+    with shared_operator(tmp_path, shared_dir) as (path, admin):
         _, created = as_peer(NOBODY, path, {"execute": "task-create",
                                             "arguments": {"name-label": "nobody's"}})
         uuid = created["return"]["uuid"]
@@ -321,9 +329,7 @@ def test_a_peers_groups_are_those_it_connected_with(tmp_path: Path) -> None:
 @as_nobody
 def test_an_operator_adds_subtasks_only_to_its_own_tasks(tmp_path: Path,
                                                          shared_dir: Path) -> None:
-    path = shared_dir / "op.sock"
-    with start_qmpjobd(tmp_path, *monitor_args(path, "operator", mode="0666")) as daemon, \
-            daemon.connect() as admin:
+    with shared_operator(tmp_path, shared_dir) as (path, admin):
         parent = ok(admin, "task-create", {"name-label": "root's"})["uuid"]
         _, refused_reply = as_peer(NOBODY, path, {"execute": "task-create", "arguments": {
             "name-label": "mine", "subtask-of": parent}})
